@@ -1,0 +1,464 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+# DataAugmentationDINO, GaussianBlur and Solarization follow facebookresearch/dino (Apache 2.0).
+"""Data for self-supervised pretraining: multi-crop augmentation, datasets, sampling and loading.
+
+- `DataAugmentationDINO`: the DINO recipe, returning [g1, g2, l1, ..., lN].
+- `build_dataset(data_path)`: an ImageFolder tree, several roots merged (e.g. ImageNet-100's
+  `train.X1,...,train.X4`), or `synthetic`: a generated shapes dataset cached on disk.
+- `PretrainDataset` + `EpochSampler`: every sample's augmentation is seeded from (seed, epoch, index),
+  so a run is reproducible whatever the number of workers or ranks, and a resumed run sees exactly the
+  augmentations of an uninterrupted one. Unreadable images are replaced by another sample and reported.
+- `build_loader(...)`: the DataLoader with all of that wired in.
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from utils import UserError, print_all_ranks
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------------
+class GaussianBlur:
+    """Apply Gaussian blur with probability `p` and a radius drawn uniformly in [radius_min, radius_max]."""
+
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.):
+        self.prob = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.prob:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class Solarization:
+    """Apply solarization with probability `p`."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class DataAugmentationDINO:
+    """Two global crops and `local_crops_number` local crops, as in the DINO paper."""
+
+    def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
+                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96):
+        from torchvision import transforms
+        bicubic = transforms.InterpolationMode.BICUBIC
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ])
+        # first global crop
+        self.global_transfo1 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=tuple(global_crops_scale), interpolation=bicubic),
+            flip_and_color_jitter,
+            GaussianBlur(1.0),
+            normalize,
+        ])
+        # second global crop
+        self.global_transfo2 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=tuple(global_crops_scale), interpolation=bicubic),
+            flip_and_color_jitter,
+            GaussianBlur(0.1),
+            Solarization(0.2),
+            normalize,
+        ])
+        # transformation for the local small crops
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            transforms.RandomResizedCrop(local_crops_size, scale=tuple(local_crops_scale), interpolation=bicubic),
+            flip_and_color_jitter,
+            GaussianBlur(p=0.5),
+            normalize,
+        ])
+
+    def __call__(self, image: Image.Image) -> List[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        for _ in range(self.local_crops_number):
+            crops.append(self.local_transfo(image))
+        return crops
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image decoding
+# ----------------------------------------------------------------------------------------------------
+def pil_loader_rgb(path: str) -> Image.Image:
+    """Decode an image file to 8-bit RGB: grayscale, palette, alpha, CMYK and 16-bit images included.
+
+    Raises on anything that is not a complete, decodable image (truncated files included).
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        # 16-bit data stored as 16-bit or 32-bit integers: map the full range to 8 bits.
+        scale = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Composite transparent pixels on white rather than on whatever colour they happen to store.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------
+def _image_folder_class():
+    from torchvision.datasets import ImageFolder
+
+    class MultiRootImageFolder(ImageFolder):
+        """ImageFolder over one or several roots; a class is the union of its folders in every root, and
+        class indices come from the sorted union of class names (so they agree across the roots)."""
+
+        def __init__(self, roots: Sequence[str], loader: Callable = pil_loader_rgb, transform=None):
+            self.roots = list(roots)
+            super().__init__(self.roots[0], loader=loader, transform=transform)
+            self.root = ",".join(self.roots)
+
+        def find_classes(self, directory):
+            names = set()
+            for root in self.roots:
+                names.update(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+            if not names:
+                raise FileNotFoundError(f"no class folders found in {', '.join(self.roots)}")
+            classes = sorted(names)
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            from torchvision.datasets.folder import make_dataset
+            samples = []
+            for root in self.roots:
+                present = {c: i for c, i in class_to_idx.items() if os.path.isdir(os.path.join(root, c))}
+                samples += make_dataset(root, present, extensions, is_valid_file, allow_empty=allow_empty)
+            return samples
+
+    return MultiRootImageFolder
+
+
+def resolve_roots(data_path: str) -> List[str]:
+    """`--data_path` as a list of ImageFolder roots: one folder, a comma-separated list, or a glob."""
+    roots = []
+    for part in [p for p in data_path.split(",") if p.strip()]:
+        part = os.path.expanduser(part.strip())
+        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matches:
+            raise UserError(f"--data_path pattern {part!r} matches no folder")
+        roots += matches
+    if not roots:
+        raise UserError("--data_path is empty")
+    for root in roots:
+        if not os.path.isdir(root):
+            raise UserError(f"--data_path {root} does not exist or is not a folder: give a folder with one "
+                            "sub-folder per class (ImageFolder layout), or 'synthetic' for generated data")
+    return roots
+
+
+def build_dataset(data_path: str, split: str = "train"):
+    """An ImageFolder-style dataset (no transform) for `--data_path`.
+
+    `synthetic` (optionally `synthetic:/cache/dir`) generates, or reuses, the shapes dataset and returns
+    its `split`; anything else is resolved by `resolve_roots`.
+    """
+    if data_path == "synthetic" or data_path.startswith("synthetic:"):
+        cache = data_path.split(":", 1)[1] if ":" in data_path else None
+        root = make_synthetic_dataset(cache) if cache else make_synthetic_dataset()
+        roots = [os.path.join(root, split)]
+    else:
+        roots = resolve_roots(data_path)
+    try:
+        dataset = _image_folder_class()(roots)
+    except FileNotFoundError as e:
+        raise UserError(f"--data_path {data_path}: {e}. Each class folder must hold at least one image "
+                        "(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)") from None
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------
+# The default dataset: procedurally generated shapes
+# ----------------------------------------------------------------------------------------------------
+SYNTHETIC_CLASSES = ("bars", "checker", "circle", "crescent", "cross", "hexagon", "ring", "square", "star",
+                     "triangle")
+
+
+def _regular_polygon(cx, cy, r, n, angle):
+    return [(cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
+            for k in range(n)]
+
+
+def _rotate(points, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, angle: float,
+                fg: Tuple[int, int, int], bg: Tuple[int, int, int]) -> None:
+    if name == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif name == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=bg)
+    elif name == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        ox, oy = cx + 0.5 * r * math.cos(angle), cy + 0.5 * r * math.sin(angle)
+        draw.ellipse([ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r], fill=bg)
+    elif name == "square":
+        draw.polygon(_regular_polygon(cx, cy, r, 4, angle), fill=fg)
+    elif name == "triangle":
+        draw.polygon(_regular_polygon(cx, cy, r, 3, angle), fill=fg)
+    elif name == "hexagon":
+        draw.polygon(_regular_polygon(cx, cy, r, 6, angle), fill=fg)
+    elif name == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else 0.42 * r
+            pts.append((cx + rad * math.cos(angle + math.pi * k / 5), cy + rad * math.sin(angle + math.pi * k / 5)))
+        draw.polygon(pts, fill=fg)
+    elif name == "cross":
+        w = 0.3 * r
+        for pts in ([(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
+                    [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]):
+            draw.polygon(_rotate(pts, cx, cy, angle), fill=fg)
+    elif name == "bars":
+        w = 0.22 * r
+        for off in (-0.66 * r, 0.0, 0.66 * r):
+            pts = [(cx + off - w / 2, cy - r), (cx + off + w / 2, cy - r), (cx + off + w / 2, cy + r),
+                   (cx + off - w / 2, cy + r)]
+            draw.polygon(_rotate(pts, cx, cy, angle), fill=fg)
+    elif name == "checker":
+        h = r / 1.5
+        for i in range(3):
+            for j in range(3):
+                if (i + j) % 2 == 0:
+                    x0, y0 = cx - r + i * h, cy - r + j * h
+                    pts = [(x0, y0), (x0 + h, y0), (x0 + h, y0 + h), (x0, y0 + h)]
+                    draw.polygon(_rotate(pts, cx, cy, angle), fill=fg)
+    else:
+        raise ValueError(f"unknown synthetic shape {name}")
+
+
+def synthetic_image(class_index: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """One image of class `class_index`: a shape of random position, scale, rotation and colour on a
+    random gradient background with noise."""
+    import colorsys
+    ss = 2  # draw at twice the size, then downsample: anti-aliased edges
+    big = size * ss
+
+    def colour(lo: float, hi: float):
+        h, s, v = rng.random(), rng.uniform(0.3, 1.0), rng.uniform(lo, hi)
+        return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255
+
+    dark_bg = rng.random() < 0.5  # contrast: light shapes on dark backgrounds and vice versa
+    c0, c1 = (colour(0.05, 0.45), colour(0.05, 0.45)) if dark_bg else (colour(0.6, 1.0), colour(0.6, 1.0))
+    fg = tuple(int(x) for x in (colour(0.7, 1.0) if dark_bg else colour(0.0, 0.35)))
+    theta = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:big, 0:big] / big
+    t = np.clip((xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta) + 0.5, 0, 1)[..., None]
+    background = (c0 * (1 - t) + c1 * t).astype(np.uint8)
+    img = Image.fromarray(background, mode="RGB")
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.18, 0.42) * big
+    cx, cy = rng.uniform(r * 0.8, big - r * 0.8), rng.uniform(r * 0.8, big - r * 0.8)
+    bg_at_centre = tuple(int(x) for x in background[int(cy), int(cx)])
+    _draw_shape(draw, SYNTHETIC_CLASSES[class_index], cx, cy, r, rng.uniform(0, 2 * math.pi), fg, bg_at_centre)
+    img = img.resize((size, size), Image.BICUBIC)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 6.0, (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def default_synthetic_root() -> str:
+    return os.environ.get("DINO_SYNTHETIC_ROOT", os.path.join(REPO_ROOT, "data_cache"))
+
+
+def make_synthetic_dataset(cache_dir: Optional[str] = None, num_train_per_class: int = 300,
+                           num_val_per_class: int = 60, image_size: int = 64, seed: int = 0) -> str:
+    """Write (once) a 10-class shapes dataset as `<cache>/synthetic-.../{train,val}/<class>/*.jpg`.
+
+    Deterministic for a given seed; reused when already complete. Safe when several processes call it
+    at once (each writes to a temporary folder and renames it into place). Returns the dataset root.
+    """
+    cache_dir = cache_dir or default_synthetic_root()
+    name = f"synthetic-shapes-s{image_size}-n{num_train_per_class}-{num_val_per_class}-seed{seed}"
+    root = os.path.join(cache_dir, name)
+    params = {"classes": list(SYNTHETIC_CLASSES), "train_per_class": num_train_per_class,
+              "val_per_class": num_val_per_class, "image_size": image_size, "seed": seed, "version": 1}
+    marker = os.path.join(root, "dataset.json")
+    if os.path.isfile(marker):
+        return root
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir)
+    try:
+        for split, per_class, split_seed in (("train", num_train_per_class, 0), ("val", num_val_per_class, 1)):
+            for c, cls in enumerate(SYNTHETIC_CLASSES):
+                folder = os.path.join(tmp, split, cls)
+                os.makedirs(folder)
+                rng = np.random.default_rng([seed, split_seed, c])
+                for i in range(per_class):
+                    synthetic_image(c, rng, image_size).save(os.path.join(folder, f"{cls}_{i:05d}.jpg"), quality=92)
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump(params, f, indent=1)
+        try:
+            os.rename(tmp, root)
+            print(f"Generated the synthetic shapes dataset in {root}")
+        except OSError:  # another process finished first
+            if not os.path.isfile(marker):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeded, fault-tolerant sampling
+# ----------------------------------------------------------------------------------------------------
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch, independent of workers, ranks and batch order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Seed Python's and torch's CPU generators for a block, restoring them afterwards (so that data
+    loading in the main process does not disturb the training RNG)."""
+    py_state = random.getstate()
+    torch_state = torch.default_generator.get_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.default_generator.set_state(torch_state)
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields `(epoch, index)` so that the dataset knows the epoch even in
+    persistent workers. Works without a process group (give `num_replicas`/`rank`)."""
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.epoch
+        for index in super().__iter__():
+            yield (epoch, index)
+
+
+class PretrainDataset(Dataset):
+    """Applies `transform` to the images of an ImageFolder-style `base`, with per-sample seeding.
+
+    An image that cannot be decoded is replaced by another sample (chosen with the same seed, so
+    deterministically) and returned in the third field, `"path: error"` lines joined by newlines, for the
+    training loop to report and count.
+    """
+
+    def __init__(self, base, transform: Callable, seed: int = 0, max_attempts: int = 20):
+        self.base = base
+        self.samples = base.samples
+        self.loader = getattr(base, "loader", pil_loader_rgb)
+        self.transform = transform
+        self.seed = seed
+        self.max_attempts = max_attempts
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad = []
+        with seeded_rng(sample_seed(self.seed, epoch, index)):
+            for _ in range(self.max_attempts):
+                path, target = self.samples[index]
+                try:
+                    image = self.loader(path)
+                    break
+                except Exception as e:  # any decoding failure: report and replace
+                    bad.append(f"{path}: {type(e).__name__}: {e}")
+                    index = random.randrange(len(self.samples))
+            else:
+                raise RuntimeError(f"{self.max_attempts} unreadable images in a row, the last: {bad[-1]}")
+            crops = self.transform(image)
+        return crops, target, "\n".join(bad)
+
+
+class BadImageTracker:
+    """Reports each unreadable image once, counts them, and stops the run above a fraction."""
+
+    def __init__(self, dataset_size: int, max_fraction: float):
+        self.dataset_size = dataset_size
+        self.max_fraction = max_fraction
+        self.seen: Dict[str, str] = {}
+
+    def update(self, reports: Sequence[str]) -> None:
+        for report in reports:
+            for line in report.splitlines():
+                path, _, error = line.partition(": ")
+                if path not in self.seen:
+                    self.seen[path] = error
+                    print_all_ranks(f"WARNING: skipped unreadable image {path} ({error}); replaced by "
+                                    "another sample")
+        if len(self.seen) > self.max_fraction * self.dataset_size:
+            raise UserError(f"{len(self.seen)} unreadable images out of {self.dataset_size} (more than "
+                            f"--max_bad_images_fraction {self.max_fraction}); the first: "
+                            f"{next(iter(self.seen))}. Fix or remove them, or raise --max_bad_images_fraction")
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Per-sample seeding makes augmentations independent of this; it seeds any other randomness.
+    info = torch.utils.data.get_worker_info()
+    base = info.seed % 2**32
+    random.seed(base)
+    np.random.seed(base)
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False, drop_last: bool = True,
+                 shuffle: bool = True) -> DataLoader:
+    """DataLoader over `dataset` (a PretrainDataset) with an EpochSampler; call
+    `loader.sampler.set_epoch(epoch)` before each epoch."""
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+        drop_last=drop_last, worker_init_fn=_seed_worker,
+        # Its own generator: creating iterators must not consume the training RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+    )

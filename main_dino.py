@@ -1,0 +1,461 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+# Flags, defaults, loop and checkpoint format follow main_dino.py of facebookresearch/dino (Apache 2.0).
+"""DINO pretraining: a student and an EMA teacher trained by self-distillation on multi-crop views.
+
+    python main_dino.py --arch vit_small --data_path /path/to/imagenet/train --output_dir out   # 1 CPU/GPU
+    torchrun --nproc_per_node=8 main_dino.py --arch vit_small --data_path ... --output_dir out  # 8 GPUs
+
+Reads top to bottom: flags, data, models, loss and optimizer, schedules, resume, loop, save.
+Restarting the same command resumes from `output_dir/checkpoint.pth`.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import utils
+import vision_transformer as vits
+from losses import DINOLoss
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('DINO', add_help=False)
+
+    # Model parameters
+    parser.add_argument('--arch', default='vit_small', type=str,
+                        help="""Name of architecture to train: vit_tiny, vit_small, vit_base, vit_large (deit_tiny
+        and deit_small are aliases), any torchvision classification model (e.g. resnet50) or any timm model
+        name (e.g. xcit_small_12_p16_224). Weights are never downloaded.""")
+    parser.add_argument('--patch_size', default=16, type=int, help="""Size in pixels of input square patches
+        - default 16 (for 16x16 patches). Using smaller values leads to better performance but requires more
+        memory. Applies only for our ViTs.""")
+    parser.add_argument('--out_dim', default=65536, type=int, help="""Dimensionality of the DINO head output.
+        For complex and large datasets large values (like 65k) work well.""")
+    parser.add_argument('--norm_last_layer', default=True, type=utils.bool_flag,
+                        help="""Whether or not to weight normalize the last layer of the DINO head. Not
+        normalizing leads to better performance but can make the training unstable.""")
+    parser.add_argument('--momentum_teacher', default=0.996, type=float, help="""Base EMA parameter for
+        teacher update. The value is increased to 1 during training with cosine schedule.""")
+    parser.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag,
+                        help="Whether to use batch normalizations in projection head (Default: False)")
+
+    # Temperature teacher parameters
+    parser.add_argument('--warmup_teacher_temp', default=0.04, type=float,
+                        help="Initial value for the teacher temperature: 0.04 works well in most cases.")
+    parser.add_argument('--teacher_temp', default=0.04, type=float, help="""Final value (after linear warmup)
+        of the teacher temperature. For most experiments, anything above 0.07 is unstable.""")
+    parser.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
+                        help='Number of warmup epochs for the teacher temperature (Default: 0).')
+
+    # Training/Optimization parameters
+    parser.add_argument('--use_fp16', type=utils.bool_flag, default=True, help="""Whether or not to use mixed
+        precision on GPU (bf16 autocast where supported, else fp16 with a gradient scaler; see --amp_dtype).
+        Ignored on CPU, which trains in fp32.""")
+    parser.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'],
+                        help="Mixed-precision type on GPU when --use_fp16 is on: auto = bf16 where supported.")
+    parser.add_argument('--weight_decay', type=float, default=0.04, help="""Initial value of the weight
+        decay. With ViT, a smaller value at the beginning of training works well.""")
+    parser.add_argument('--weight_decay_end', type=float, default=0.4, help="""Final value of the weight
+        decay. We use a cosine schedule for WD and using a larger decay by the end of training improves
+        performance for ViTs.""")
+    parser.add_argument('--clip_grad', type=float, default=3.0, help="""Maximal parameter gradient norm if
+        using gradient clipping (per parameter). Clipping with norm .3 ~ 1.0 can help optimization for larger
+        ViT architectures. 0 for disabling.""")
+    parser.add_argument('--batch_size_per_gpu', default=64, type=int,
+                        help='Per-process batch size: number of distinct images loaded on one device.')
+    parser.add_argument('--grad_accum_steps', default=1, type=int, help="""Accumulate gradients over this
+        many batches per optimizer step (effective batch = batch_size_per_gpu x processes x this). Schedules
+        count optimizer steps.""")
+    parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
+    parser.add_argument('--freeze_last_layer', default=1, type=int, help="""Number of epochs during which we
+        keep the output layer fixed. Typically doing so during the first epoch helps training. Try increasing
+        this value if the loss does not decrease.""")
+    parser.add_argument("--lr", default=0.0005, type=float, help="""Learning rate at the end of linear warmup
+        (highest LR used during training). The learning rate is linearly scaled with the batch size, and
+        specified here for a reference batch size of 256.""")
+    parser.add_argument("--warmup_epochs", default=10, type=int,
+                        help="Number of epochs for the linear learning-rate warm up.")
+    parser.add_argument('--min_lr', type=float, default=1e-6, help="""Target LR at the end of optimization.
+        We use a cosine LR schedule with linear warmup.""")
+    parser.add_argument('--optimizer', default='adamw', type=str, choices=['adamw', 'sgd', 'lars'],
+                        help="""Type of optimizer. We recommend using adamw with ViTs.""")
+    parser.add_argument('--drop_path_rate', type=float, default=0.1, help="stochastic depth rate")
+
+    # Multi-crop parameters
+    parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
+                        help="""Scale range of the cropped image before resizing, relatively to the origin
+        image. Used for large global view cropping. When disabling multi-crop (--local_crops_number 0), we
+        recommand using a wider range of scale ("--global_crops_scale 0.14 1." for example)""")
+    parser.add_argument('--local_crops_number', type=int, default=8, help="""Number of small local views to
+        generate. Set this parameter to 0 to disable multi-crop training. When disabling multi-crop we
+        recommend to use "--global_crops_scale 0.14 1." """)
+    parser.add_argument('--local_crops_scale', type=float, nargs='+', default=(0.05, 0.4),
+                        help="""Scale range of the cropped image before resizing, relatively to the origin
+        image. Used for small local view cropping of multi-crop.""")
+    parser.add_argument('--global_crops_size', type=int, default=224, help="Side of the global crops (pixels).")
+    parser.add_argument('--local_crops_size', type=int, default=96, help="Side of the local crops (pixels).")
+
+    # Misc
+    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
+                        help="""Training images: a folder with one sub-folder per class (ImageFolder), several
+        such folders separated by commas or as a glob (e.g. 'imagenet100/train.X*'), or 'synthetic' for the
+        generated shapes dataset (no download).""")
+    parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
+    parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
+    parser.add_argument('--seed', default=0, type=int, help='Random seed.')
+    parser.add_argument('--num_workers', default=None, type=int,
+                        help='Number of data loading workers per process (default: min(10, CPUs per process)).')
+    parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
+        skipped and reported; the run stops when more than this fraction of the dataset is unreadable.""")
+    parser.add_argument('--print_freq', default=10, type=int, help='Print progress every x iterations.')
+    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
+        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
+    parser.add_argument('--dist_timeout', default=30, type=float,
+                        help='Minutes a collective may wait for the other processes before failing.')
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored: set by older launchers; the local rank comes from the environment.")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag values and combinations that cannot work, with one message each."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise utils.UserError(message)
+
+    for name in ("global_crops_scale", "local_crops_scale"):
+        value = getattr(args, name)
+        require(len(value) == 2 and 0 < value[0] <= value[1] <= 1,
+                f"--{name} takes two numbers 0 < min <= max <= 1, got {' '.join(map(str, value))}")
+    for name in ("batch_size_per_gpu", "epochs", "grad_accum_steps", "out_dim", "global_crops_size",
+                 "local_crops_size", "patch_size", "print_freq"):
+        require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
+                 "saveckp_freq", "lr", "min_lr", "clip_grad", "drop_path_rate"):
+        require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
+    require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")
+    require(0 <= args.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
+    require(0 <= args.max_bad_images_fraction <= 1, "--max_bad_images_fraction must be in [0, 1]")
+    require(args.teacher_temp > 0 and args.warmup_teacher_temp > 0, "teacher temperatures must be positive")
+    arch = utils.DEIT_ALIASES.get(args.arch, args.arch)
+    if arch in utils.VIT_ARCHS:
+        for name in ("global_crops_size", "local_crops_size"):
+            require(getattr(args, name) % args.patch_size == 0,
+                    f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
+
+
+def default_num_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def precision_setup(args: argparse.Namespace):
+    """(autocast context factory, GradScaler or None, description) for this device and the flags."""
+    if args.device.type != "cuda" or not args.use_fp16:
+        reason = "CPU" if args.device.type != "cuda" else "--use_fp16 false"
+        return contextlib.nullcontext, None, f"fp32 ({reason})"
+    use_bf16 = args.amp_dtype == "bf16" or (args.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if use_bf16 else torch.float16
+    scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, \
+        f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
+
+
+def ddp_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict with the `module.` prefix of a DDP-wrapped model, wrapped or not (official key format)."""
+    state = model.state_dict()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return state
+    return {"module." + k: v for k, v in state.items()}
+
+
+def plain_args(args: argparse.Namespace) -> Dict:
+    """The flags as a plain dict (weights_only-loadable)."""
+    out = {}
+    for k, v in vars(args).items():
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
+    return out
+
+
+def train_dino(args: argparse.Namespace) -> None:
+    check_args(args)
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed + args.rank)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    print("git:\n  {}\n".format(utils.get_sha()))
+    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    cudnn.benchmark = True
+    if utils.is_main_process():
+        utils.check_output_dir(args.output_dir)
+
+    # ============ preparing data ... ============
+    transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                          args.global_crops_size, args.local_crops_size)
+    dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
+    data_loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
+                                    args.world_size, pin_memory=args.device.type == "cuda")
+    niter_per_ep = len(data_loader) // args.grad_accum_steps
+    if niter_per_ep == 0:
+        raise utils.UserError(
+            f"{len(dataset)} images are not enough for one step of {args.batch_size_per_gpu} images x "
+            f"{args.world_size} processes x {args.grad_accum_steps} accumulation steps: lower "
+            "--batch_size_per_gpu or --grad_accum_steps, or use more data")
+    print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
+          f"{niter_per_ep} optimizer steps per epoch.")
+
+    # ============ building student and teacher networks ... ============
+    student, embed_dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
+    teacher, _ = utils.build_backbone(args.arch, args.patch_size)
+    student = utils.MultiCropWrapper(student, vits.DINOHead(
+        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(args.device), teacher.to(args.device)
+
+    distributed = args.world_size > 1
+    if utils.has_batchnorms(student) and distributed and args.device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        # the official code wraps the teacher in DDP so that its synchronised batch norms work
+        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=[args.gpu])
+        teacher_without_ddp = teacher.module
+    else:
+        if utils.has_batchnorms(student) and distributed:
+            print("Batch norms are not synchronised across CPU processes (SyncBatchNorm needs CUDA).")
+        teacher_without_ddp = teacher
+    if distributed:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    student_without_ddp = student.module if distributed else student
+    # teacher and student start with the same weights
+    teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+
+    # ============ preparing loss ... ============
+    dino_loss = DINOLoss(
+        args.out_dim,
+        args.local_crops_number + 2,  # total number of crops = 2 global crops + local_crops_number
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+    ).to(args.device)
+
+    # ============ preparing optimizer ... ============
+    params_groups = utils.get_params_groups(student)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params_groups, fused=True)  # to use with ViTs
+    elif args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by scheduler
+    else:
+        import timm.optim
+        optimizer = timm.optim.Lars(params_groups, lr=0, momentum=0.9)  # to use with convnet and large batches
+    autocast, fp16_scaler, precision = precision_setup(args)
+    print(f"Precision: {precision}.")
+
+    # ============ init schedulers ... ============
+    total_batch = args.batch_size_per_gpu * args.world_size * args.grad_accum_steps
+    lr_schedule = utils.cosine_scheduler(
+        args.lr * total_batch / 256.,  # linear scaling rule
+        args.min_lr,
+        args.epochs, niter_per_ep,
+        warmup_epochs=args.warmup_epochs,
+    )
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    # momentum parameter is increased to 1. during training with a cosine schedule
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+    print("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    to_restore = {"epoch": 0, "log_history": []}
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    checkpoint = utils.restart_from_checkpoint(
+        checkpoint_path,
+        run_variables=to_restore,
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        fp16_scaler=fp16_scaler,
+        dino_loss=dino_loss,
+    )
+    start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
+    log_path = os.path.join(args.output_dir, "log.txt")
+    if checkpoint is not None:
+        rng_states = checkpoint.get("rng_states") or []
+        if len(rng_states) == args.world_size:
+            utils.set_rng_state(rng_states[args.rank])
+        if utils.is_main_process() and "log_history" in checkpoint:
+            # log.txt holds exactly the epochs the checkpoint holds: none lost, none repeated.
+            utils.write_json_lines(log_path, log_history)
+        del checkpoint
+
+    bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
+    start_time = time.time()
+    print("Starting DINO training !")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+
+        # ============ training one epoch of DINO ... ============
+        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer,
+                                      lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler, args,
+                                      autocast=autocast, bad_images=bad_images)
+
+        # ============ writing logs ... ============
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        log_history.append(log_stats)
+        rng_states = [utils.get_rng_state()]
+        if distributed:
+            rng_states = [None] * args.world_size
+            dist.all_gather_object(rng_states, utils.get_rng_state())
+        save_dict = {
+            'student': ddp_state_dict(student),
+            'teacher': teacher.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'epoch': epoch + 1,
+            'args': plain_args(args),
+            'dino_loss': dino_loss.state_dict(),
+            'rng_states': rng_states,
+            'log_history': log_history,
+        }
+        if fp16_scaler is not None:
+            save_dict['fp16_scaler'] = fp16_scaler.state_dict()
+        utils.save_on_master(save_dict, checkpoint_path)
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
+        if utils.is_main_process():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+    if utils.is_main_process():
+        plot = utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
+        print(f"Log (one JSON line per epoch): {log_path}")
+        print(f"Checkpoint: {checkpoint_path}")
+        if plot:
+            print(f"Training curves: {plot}")
+
+
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
+                    wd_schedule, momentum_schedule, epoch, fp16_scaler, args, autocast=contextlib.nullcontext,
+                    bad_images: Optional[data.BadImageTracker] = None) -> Dict[str, float]:
+    """One epoch of DINO; returns the epoch averages (loss, lr, wd, images/s, ...)."""
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
+    accum = args.grad_accum_steps
+    niter_per_ep = len(data_loader) // accum
+    student_without_ddp = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    student_params = list(student_without_ddp.parameters())
+    teacher_params = list(teacher_without_ddp.parameters())
+    check_every_step = args.device.type == "cpu"  # reading the loss costs nothing there
+    all_finite = torch.ones((), dtype=torch.bool, device=args.device)
+    images_per_iter = args.batch_size_per_gpu * args.world_size
+    epoch_start, n_images = time.time(), 0
+
+    for it_local, (images, _, bad) in enumerate(metric_logger.log_every(
+            data_loader, args.print_freq, header, images_per_iter=images_per_iter)):
+        step_in_epoch, micro = divmod(it_local, accum)
+        if step_in_epoch >= niter_per_ep:
+            break  # the last incomplete accumulation
+        it = niter_per_ep * epoch + step_in_epoch  # global training iteration (optimizer steps)
+        if bad_images is not None and any(bad):
+            bad_images.update([b for b in bad if b])
+        if micro == 0:
+            for i, param_group in enumerate(optimizer.param_groups):
+                param_group["lr"] = lr_schedule[it]
+                if i == 0:  # only the first group is regularized
+                    param_group["weight_decay"] = wd_schedule[it]
+
+        # move images to gpu
+        images = [im.to(args.device, non_blocking=True) for im in images]
+        last_micro = micro == accum - 1
+        # no gradient all-reduce until the last micro-batch of an accumulation
+        sync = contextlib.nullcontext() if last_micro or not hasattr(student, "no_sync") else student.no_sync()
+        with sync:
+            with autocast():
+                with torch.no_grad():
+                    teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+                student_output = student(images)
+                loss = dino_loss(student_output, teacher_output, epoch)
+            if fp16_scaler is None:
+                (loss / accum).backward()
+            else:
+                fp16_scaler.scale(loss / accum).backward()
+        loss = loss.detach()
+        if check_every_step:
+            check_finite(loss, epoch, it_local, args)
+        else:
+            all_finite &= torch.isfinite(loss)
+            if it_local % args.print_freq == 0:
+                check_finite(loss, epoch, it_local, args, all_finite)
+        metric_logger.update(loss=loss)
+        n_images += images[0].shape[0]
+        if not last_micro:
+            continue
+
+        # student update
+        if fp16_scaler is not None and args.clip_grad:
+            fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
+        if args.clip_grad:
+            utils.clip_gradients(student, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        if fp16_scaler is None:
+            optimizer.step()
+        else:
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # EMA update for the teacher
+        with torch.no_grad():
+            m = float(momentum_schedule[it])  # momentum parameter
+            torch._foreach_mul_(teacher_params, m)
+            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+    check_finite(loss, epoch, it_local, args, all_finite)
+
+    # gather the stats from all processes
+    metric_logger.synchronize_between_processes()
+    epoch_time = time.time() - epoch_start
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    n_images_total = n_images * args.world_size
+    n_bad = bad_images.count if bad_images is not None else 0
+    if utils.is_dist_avail_and_initialized():
+        t = torch.tensor([n_bad], dtype=torch.float64, device=args.device)
+        dist.all_reduce(t)
+        n_bad = int(t.item())
+    stats.update(images_per_sec=n_images_total / epoch_time, epoch_time=epoch_time, bad_images=n_bad)
+    print("Averaged stats:", metric_logger)
+    return stats
+
+
+def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
+    finite = bool(all_finite) if all_finite is not None else math.isfinite(loss.item())
+    if finite:
+        return
+    raise utils.UserError(
+        f"Loss is {loss.item()} at epoch {epoch}, iteration {it}: stopping training. The last good checkpoint "
+        f"({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is untouched and the run resumes from it. "
+        "Try a lower --lr, a longer --warmup_epochs, fp32 (--use_fp16 false), a larger --freeze_last_layer, "
+        "gradient clipping (--clip_grad 0.3), or a lower --teacher_temp.")
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('DINO', parents=[get_args_parser()])
+    args = parser.parse_args()
+    utils.run_script(train_dino, args)

@@ -1,0 +1,637 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+# Names and signatures of the official helpers follow facebookresearch/dino's utils.py (Apache 2.0).
+"""Plumbing shared by the scripts: distributed set-up, schedules, gradients, logging, checkpoints,
+the multi-crop wrapper and backbone construction.
+
+Imports torch, numpy and the standard library at the top; anything else (torchvision, timm, matplotlib)
+lazily, inside the function that needs it.
+"""
+import argparse
+import builtins
+import datetime
+import difflib
+import json
+import os
+import pickle
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors a user can cause
+# ----------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """An error the user can fix (bad path, flag, file): scripts print its message alone, no traceback."""
+
+
+def run_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """Run a script's `main(args)`, turning a UserError into one clear line on stderr and exit code 2."""
+    try:
+        main(args)
+    except UserError as e:
+        rank = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
+        sys.stderr.write(f"{rank}error: {e}\n")
+        sys.stderr.flush()
+        sys.exit(2)
+
+
+def bool_flag(s: str) -> bool:
+    """Parse boolean arguments from the command line."""
+    FALSY_STRINGS = {"off", "false", "0"}
+    TRUTHY_STRINGS = {"on", "true", "1"}
+    if s.lower() in FALSY_STRINGS:
+        return False
+    elif s.lower() in TRUTHY_STRINGS:
+        return True
+    raise argparse.ArgumentTypeError("invalid value for a boolean flag (use true/false, on/off or 1/0)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence print() on every process but the master; `print(..., force=True)` always prints."""
+    builtin_print = getattr(builtins.print, "_dino_original", builtins.print)
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    print._dino_original = builtin_print
+    builtins.print = print
+
+
+def print_all_ranks(*args, **kwargs) -> None:
+    """print() on every rank, also where setup_for_distributed silenced it (e.g. this rank's bad files)."""
+    getattr(builtins.print, "_dino_original", builtins.print)(*args, **kwargs)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as `gpu[003-005,010],cpu7` (-> `gpu003`)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise UserError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Set args.rank, args.world_size, args.gpu (local rank) and args.device; start a process group if needed.
+
+    torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or a multi-task SLURM job (SLURM_PROCID/SLURM_NTASKS, master
+    address from the node list, port from the job id) start a process group: NCCL on CUDA, gloo on CPU.
+    Anything else (plain `python script.py`, a one-task SLURM job) runs as a single process with no group.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        # A port derived from the job id: the same on every task, different between jobs sharing a node.
+        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        if args.gpu >= torch.cuda.device_count():
+            raise UserError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible; "
+                            "start at most one process per GPU")
+        torch.cuda.set_device(args.gpu)
+        args.device = torch.device("cuda", args.gpu)
+    else:
+        args.device = torch.device("cpu")
+
+    if args.world_size > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        init_method = getattr(args, "dist_url", "env://") or "env://"
+        timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30)))
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=args.world_size,
+                                rank=args.rank, timeout=timeout,
+                                device_id=args.device if use_cuda else None)
+        print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {init_method}", flush=True)
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+    if args.world_size == 1:
+        print(f"Running as a single process on {args.device}.")
+
+
+def save_on_master(obj: Any, f: str) -> None:
+    """Write `obj` to `f` atomically, from the master process only."""
+    if is_main_process():
+        save_checkpoint(obj, f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Randomness
+# ----------------------------------------------------------------------------------------------------
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """The RNG state of this process, to store in a checkpoint (loads with weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": list(_flatten_py_state(random.getstate()))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"][0], tuple(state["python"][1:-1]), state["python"][-1]
+    random.setstate((version, internal, None if gauss == "None" else gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _flatten_py_state(st: tuple) -> Iterable:
+    version, internal, gauss = st
+    return [version, *internal, "None" if gauss is None else gauss]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules and gradients
+# ----------------------------------------------------------------------------------------------------
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0) -> np.ndarray:
+    """One value per iteration: linear warmup from `start_warmup_value`, then a cosine to `final_value`."""
+    total = int(epochs * niter_per_ep)
+    warmup_iters = min(int(warmup_epochs * niter_per_ep), total)
+    warmup_schedule = np.array([])
+    if warmup_iters > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(total - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == total
+    return schedule
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Clip each parameter's gradient to norm `clip` (per parameter, as the official DINO code does).
+
+    Returns the norms before clipping as a 1-D tensor (no host-device synchronisation).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2)])
+    clip_coefs = (clip / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(clip_coefs.unbind(0), grads)])
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the gradients of the head's last layer during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for n, p in model.named_parameters():
+        if "last_layer" in n:
+            p.grad = None
+
+
+def get_params_groups(model: nn.Module) -> List[Dict[str, Any]]:
+    """Two groups: weights (regularised) and biases/norm parameters (no weight decay)."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # we do not regularize biases nor Norm parameters
+        if name.endswith(".bias") or len(param.shape) == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, bn_types) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops of several resolutions.
+
+    The backbone runs once per run of consecutive crops of the same size (batched together), the head
+    once on all the features. Output rows are crop-major: all images of crop 0, then crop 1, ...
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        # Disable layers dedicated to ImageNet label classification.
+        if hasattr(backbone, "reset_classifier"):  # timm: keeps its pooling, drops the classifier
+            backbone.reset_classifier(0)
+        else:
+            backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x, **kwargs) -> torch.Tensor:
+        if not isinstance(x, (list, tuple)):
+            x = [x]
+        outputs, start = [], 0
+        while start < len(x):
+            end = start + 1
+            while end < len(x) and x[end].shape[-2:] == x[start].shape[-2:]:
+                end += 1
+            out = self.backbone(torch.cat(x[start:end]) if end - start > 1 else x[start], **kwargs)
+            if isinstance(out, tuple):  # e.g. XCiT returns a tuple
+                out = out[0]
+            outputs.append(out)
+            start = end
+        return self.head(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
+
+
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+DEIT_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small", "deit_base": "vit_base"}
+
+
+def torchvision_archs() -> List[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _strip_torchvision_classifier(model: nn.Module) -> int:
+    """Replace the last Linear of a torchvision classifier by Identity; return its input width."""
+    for attr in ("fc", "classifier", "heads", "head"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return head.in_features
+        if isinstance(head, nn.Sequential):
+            linears = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+            if linears:
+                in_features = head[linears[-1]].in_features
+                head[linears[-1]] = nn.Identity()
+                return in_features
+    raise UserError(f"cannot find the classifier of torchvision model {type(model).__name__} to replace")
+
+
+def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
+                   **vit_kwargs) -> Tuple[nn.Module, int]:
+    """Backbone without classifier, and its feature width, for `--arch`.
+
+    Our ViTs (vit_tiny/small/base/large, and the official deit_* aliases), any torchvision classification
+    model, or any timm model name. Never downloads weights.
+    """
+    import vision_transformer as vits
+    arch = DEIT_ALIASES.get(arch, arch)
+    if arch in VIT_ARCHS:
+        model = getattr(vits, arch)(patch_size=patch_size, drop_path_rate=drop_path_rate, **vit_kwargs)
+        return model, model.embed_dim
+    tv_archs = torchvision_archs()
+    if arch in tv_archs:
+        import torchvision
+        model = torchvision.models.get_model(arch, weights=None)
+        return model, _strip_torchvision_classifier(model)
+    import timm
+    if timm.is_model(arch):
+        # dynamic_img_size lets timm ViTs take the local crops; drop_path_rate where the model has one.
+        for extra in ({"drop_path_rate": drop_path_rate, "dynamic_img_size": True},
+                      {"drop_path_rate": drop_path_rate}, {}):
+            try:
+                model = timm.create_model(arch, pretrained=False, num_classes=0, **extra)
+                break
+            except TypeError:
+                continue
+        return model, model.num_features
+    candidates = list(VIT_ARCHS) + list(DEIT_ALIASES) + tv_archs
+    close = difflib.get_close_matches(arch, candidates + timm.list_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UserError(f"unknown --arch {arch!r}: use one of {', '.join(VIT_ARCHS)}, a torchvision classification "
+                    f"model (e.g. resnet50) or a timm model name (timm.list_models()).{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+def save_checkpoint(obj: Any, path: str) -> None:
+    """Atomic save: temporary file in the same folder, fsync, rename. A crash never destroys `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path}: {e}. The previous checkpoint, if any, is "
+                        "intact; free disk space or choose another --output_dir, then rerun to resume") from None
+    try:  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; official checkpoints need argparse.Namespace, allowed alone."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
+                        f"containers ({first_line}). Only load checkpoints you trust; if you do, convert it "
+                        "to a state_dict first") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def match_state_dict_prefix(state_dict: Dict[str, Any], module: nn.Module) -> Dict[str, Any]:
+    """Add or strip the DDP `module.` prefix so that `state_dict` matches `module`'s keys."""
+    target = list(module.state_dict().keys())
+    keys = list(state_dict.keys())
+    if not keys or not target:
+        return state_dict
+    src_ddp = all(k.startswith("module.") for k in keys)
+    dst_ddp = all(k.startswith("module.") for k in target)
+    if src_ddp and not dst_ddp:
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    if dst_ddp and not src_ddp:
+        return {"module." + k: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def restart_from_checkpoint(ckp_path: str, run_variables: Optional[Dict[str, Any]] = None, **kwargs) -> Optional[dict]:
+    """Load each `name=object` from the checkpoint at `ckp_path` (if it exists) into `object`.
+
+    Modules load strictly (the DDP `module.` prefix is adapted); a mismatch stops with a message naming
+    the file and the keys. `run_variables` entries present in the checkpoint are overwritten. Returns
+    the checkpoint dict, or None if there is none.
+    """
+    if not os.path.isfile(ckp_path):
+        return None
+    print(f"Found checkpoint at {ckp_path}")
+    checkpoint = load_checkpoint(ckp_path)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{ckp_path} is not a training checkpoint (expected a dict, found {type(checkpoint).__name__})")
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key not in checkpoint:
+            print(f"=> key '{key}' not found in checkpoint '{ckp_path}'")
+            continue
+        try:
+            if isinstance(value, nn.Module):
+                value.load_state_dict(match_state_dict_prefix(checkpoint[key], value), strict=True)
+            else:
+                value.load_state_dict(checkpoint[key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {ckp_path} does not match this run's '{key}': {e}\n"
+                            "Use the flags of the run that wrote it (--arch, --patch_size, --out_dim, ...) "
+                            "or another --output_dir") from None
+        print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
+    if run_variables is not None:
+        for var_name in run_variables:
+            if var_name in checkpoint:
+                run_variables[var_name] = checkpoint[var_name]
+    return checkpoint
+
+
+def check_output_dir(path: str) -> None:
+    """Create `path` and check that it is writable, before any training starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--output_dir {path} is not writable: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------------
+class SmoothedValue:
+    """Track a series of values; window median/average and global average.
+
+    Accepts tensors without reading them: the host-device synchronisation happens only when a
+    statistic is printed.
+    """
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.6f} ({global_avg:.6f})"
+
+    def update(self, value, n: int = 1) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self.deque.append(value)
+        self.count += n
+        self.total = self.total + value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over ranks (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, float(self.total)], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    def _values(self) -> torch.Tensor:
+        return torch.tensor([float(v) for v in self.deque], dtype=torch.float64)
+
+    @property
+    def median(self) -> float:
+        return self._values().median().item()
+
+    @property
+    def avg(self) -> float:
+        return self._values().mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return float(self.total) / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(float(v) for v in self.deque)
+
+    @property
+    def value(self) -> float:
+        return float(self.deque[-1])
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter: str = "\t"):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            self.meters[k].update(v)
+
+    def __getattr__(self, attr):
+        if attr in self.meters:
+            return self.meters[attr]
+        if attr in self.__dict__:
+            return self.__dict__[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: Optional[str] = None,
+                  images_per_iter: Optional[int] = None, total: Optional[int] = None):
+        """Yield from `iterable`, printing progress, ETA, iteration/data time (and images/s) every
+        `print_freq` iterations and at the last one."""
+        i = 0
+        header = header or ''
+        total = len(iterable) if total is None else total
+        start_time = end = time.time()
+        iter_time = SmoothedValue(fmt='{avg:.4f}')
+        data_time = SmoothedValue(fmt='{avg:.4f}')
+        space_fmt = ':' + str(len(str(total))) + 'd'
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta_seconds = iter_time.global_avg * (total - i - 1)
+                parts = [header, ('[{0' + space_fmt + '}/{1}]').format(i, total),
+                         f"eta: {datetime.timedelta(seconds=int(eta_seconds))}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if images_per_iter:
+                    parts.append(f"img/s: {images_per_iter / max(iter_time.avg, 1e-9):.1f}")
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            i += 1
+            end = time.time()
+        total_time = time.time() - start_time
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / max(total, 1):.4f} s / it)", flush=True)
+
+
+def get_sha() -> str:
+    cwd = os.path.dirname(os.path.abspath(__file__))
+
+    def _run(command):
+        return subprocess.check_output(command, cwd=cwd, stderr=subprocess.DEVNULL).decode('ascii').strip()
+    sha, diff, branch = 'N/A', "clean", 'N/A'
+    try:
+        sha = _run(['git', 'rev-parse', 'HEAD'])
+        subprocess.check_output(['git', 'diff'], cwd=cwd, stderr=subprocess.DEVNULL)
+        diff = "has uncommited changes" if _run(['git', 'diff-index', 'HEAD']) else "clean"
+        branch = _run(['git', 'rev-parse', '--abbrev-ref', 'HEAD'])
+    except Exception:
+        pass
+    return f"sha: {sha}, status: {diff}, branch: {branch}"
+
+
+def write_json_lines(path: str, records: Sequence[Dict[str, Any]]) -> None:
+    """Rewrite a JSON-lines file atomically (temporary file, then rename)."""
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_training_curves(log_path: str, out_png: str) -> Optional[str]:
+    """Plot every numeric key of a log.txt (one JSON object per epoch) against the epoch into a PNG.
+
+    Returns the PNG path, or None when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no training-curve plot (pip install matplotlib)")
+        return None
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        return None
+    keys = [k for k in records[-1] if k != "epoch" and isinstance(records[-1][k], (int, float))]
+    ncols = min(3, len(keys))
+    nrows = (len(keys) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+    epochs = [r.get("epoch", i) for i, r in enumerate(records)]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(epochs, [r.get(key, float("nan")) for r in records], marker="o", markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
