@@ -166,7 +166,14 @@ def _image_folder_class():
             samples = []
             for root in self.roots:
                 present = {c: i for c, i in class_to_idx.items() if os.path.isdir(os.path.join(root, c))}
-                samples += make_dataset(root, present, extensions, is_valid_file, allow_empty=allow_empty)
+                try:
+                    samples += make_dataset(root, present, extensions, is_valid_file, allow_empty=allow_empty)
+                except FileNotFoundError:  # name the folders: with several roots the class alone is ambiguous
+                    found = make_dataset(root, present, extensions, is_valid_file, allow_empty=True)
+                    nonempty = {target for _, target in found}
+                    empty = sorted(c for c, i in present.items() if i not in nonempty)
+                    raise FileNotFoundError("no image in the class folder(s) " + ", ".join(
+                        os.path.join(root, c) for c in empty)) from None
             return samples
 
     return MultiRootImageFolder
@@ -407,7 +414,7 @@ class PretrainDataset(Dataset):
                     image = self.loader(path)
                     break
                 except Exception as e:  # any decoding failure: report and replace
-                    bad.append(f"{path}: {type(e).__name__}: {e}")
+                    bad.append(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}")  # one line each
                     index = random.randrange(len(self.samples))
             else:
                 raise RuntimeError(f"{self.max_attempts} unreadable images in a row, the last: {bad[-1]}")

@@ -375,9 +375,9 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
             bad_images.update([b for b in bad if b])
         if micro == 0:
             for i, param_group in enumerate(optimizer.param_groups):
-                param_group["lr"] = lr_schedule[it]
+                param_group["lr"] = float(lr_schedule[it])
                 if i == 0:  # only the first group is regularized
-                    param_group["weight_decay"] = wd_schedule[it]
+                    param_group["weight_decay"] = float(wd_schedule[it])
 
         # move images to gpu
         images = [im.to(args.device, non_blocking=True) for im in images]

@@ -94,15 +94,18 @@ def print_all_ranks(*args, **kwargs) -> None:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host name of a SLURM node list such as `gpu[003-005,010],cpu7` (-> `gpu003`)."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if match is None:
+    """First host name of a SLURM node list such as `gpu[003-005,010],cpu7` (-> `gpu003`) or
+    `r[1-2]n[01-04]` (-> `r1n01`)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+    if not first or "[" in first or "]" in first:
         raise UserError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return first
 
 
 def init_distributed_mode(args: argparse.Namespace) -> None:
@@ -361,11 +364,15 @@ def save_checkpoint(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write checkpoint {path}: {e}. The previous checkpoint, if any, is "
-                        "intact; free disk space or choose another --output_dir, then rerun to resume") from None
+        # A full disk surfaces as OSError, or as RuntimeError from torch's zip writer.
+        if isinstance(e, (OSError, RuntimeError)):
+            raise UserError(f"could not write checkpoint {path}: {_first_line(e)}. The previous checkpoint, if "
+                            "any, is intact; free disk space or choose another --output_dir, then rerun to "
+                            "resume") from None
+        raise
     try:  # make the rename itself durable
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -384,13 +391,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message is long and styled; keep the line that names the refused object.
+        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", refused[0] if refused else _first_line(e))
         raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
-                        f"containers ({first_line}). Only load checkpoints you trust; if you do, convert it "
+                        f"containers ({detail}). Only load checkpoints you trust; if you do, convert it "
                         "to a state_dict first") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # corrupt, truncated, or not a checkpoint at all
         raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                        f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def match_state_dict_prefix(state_dict: Dict[str, Any], module: nn.Module) -> Dict[str, Any]:
@@ -620,6 +634,8 @@ def plot_training_curves(log_path: str, out_png: str) -> Optional[str]:
     if not records:
         return None
     keys = [k for k in records[-1] if k != "epoch" and isinstance(records[-1][k], (int, float))]
+    if not keys:
+        return None
     ncols = min(3, len(keys))
     nrows = (len(keys) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)

@@ -12,8 +12,6 @@ sys.path.insert(0, str(REPO_ROOT))
 DATA_ROOT = Path(os.environ.get("DINO_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running tests, run with `pytest -m slow`")
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +25,34 @@ def cifar10_root() -> Path:
     if not (root / "train").is_dir():
         pytest.skip(f"real data not found at {root} (set DINO_DATA_ROOT or place ../shared/data beside the repo)")
     return root
+
+
+def make_subset(src: Path, dst: Path, per_class: int, classes: int = 10) -> Path:
+    """Copy the first `per_class` images of the first `classes` class folders of `src` into `dst`."""
+    import shutil
+    for class_dir in sorted(p for p in src.iterdir() if p.is_dir())[:classes]:
+        (dst / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(f, dst / class_dir.name / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(cifar10_root, tmp_path_factory) -> Path:
+    """A 10-class, 160-image ImageFolder copied from ../shared/data/cifar10/train."""
+    return make_subset(cifar10_root / "train", tmp_path_factory.mktemp("cifar_subset"), per_class=16)
+
+
+def run_cmd(args, cwd=REPO_ROOT, timeout=600, env=None, check=True):
+    """Run a command line (list) with the repo on PYTHONPATH; return the CompletedProcess."""
+    import subprocess
+    full_env = dict(os.environ)
+    full_env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS", "1"),
+                     "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                             f"--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
+    return proc

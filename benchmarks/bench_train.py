@@ -1,0 +1,565 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+"""Benchmark of the DINO training step: this framework (`ours`) against the official code (`official`).
+
+Prints figures; asserts nothing. Each implementation runs in its own fresh subprocess (so that peak
+memory is its own), on the same inputs:
+
+    python benchmarks/bench_train.py                                  # both, vit_tiny, synthetic tensors
+    python benchmarks/bench_train.py --impl ours --arch vit_small --batch_size 32 --iters 10
+    python benchmarks/bench_train.py --data_path /path/to/imagenet/train --num_workers 8   # real loading
+
+- `ours` builds what `main_dino.train_dino` builds (student/teacher `utils.MultiCropWrapper` with
+  `vision_transformer.DINOHead`, `losses.DINOLoss`, AdamW(fused=True) over `utils.get_params_groups`,
+  cosine schedules, `main_dino.precision_setup`) and times `main_dino.train_one_epoch` itself, over a
+  loader truncated to warmup + iters batches.
+- `official` is the official step rebuilt from the test-only reference `tests/official_dino.py`
+  (explicit-softmax ViT, weight_norm DINOHead, official MultiCropWrapper and per-pair DINOLoss,
+  torch.optim.AdamW with default settings, per-parameter clip loop with .item(), Python-loop EMA,
+  loss.item() every iteration; fp16 GradScaler on CUDA), in the official order of operations.
+
+Per-iteration time = time between two successive batch requests of the training loop (the loader is
+wrapped in an object that stamps `time.perf_counter()` at each request; on CUDA it synchronises first),
+so it covers data waiting + the whole step. The first `--warmup` iterations are discarded.
+FLOPs: one forward (teacher on the 2 global crops, student on all crops) + loss + backward, counted by
+`torch.utils.flop_counter.FlopCounterMode` outside the timed loop (the CPU flash-attention kernel, which
+FlopCounterMode does not know, is counted with its standard SDPA formula).
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+RESULT_MARKER = "@@BENCH_RESULT@@ "
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark the DINO training step (ours vs the official code).")
+    p.add_argument("--impl", default="both", choices=["ours", "official", "both"])
+    p.add_argument("--arch", default="vit_tiny",
+                   help="our --arch (vit_tiny/vit_small/vit_base/vit_large, deit_* aliases, ...); the official "
+                        "reference has vit_tiny/vit_small/vit_base only")
+    p.add_argument("--patch_size", default=16, type=int)
+    p.add_argument("--batch_size", default=16, type=int, help="images per iteration (batch_size_per_gpu)")
+    p.add_argument("--global_crops_size", default=224, type=int)
+    p.add_argument("--local_crops_size", default=96, type=int)
+    p.add_argument("--local_crops_number", default=8, type=int)
+    p.add_argument("--out_dim", default=65536, type=int)
+    p.add_argument("--iters", default=6, type=int, help="timed iterations")
+    p.add_argument("--warmup", default=2, type=int, help="untimed iterations before the timed ones")
+    p.add_argument("--epoch", default=1, type=int,
+                   help="epoch index given to the loop. The default 1 is past --freeze_last_layer 1 (steady "
+                        "state: the last layer is trained); 0 measures the first epoch, where the last layer's "
+                        "gradient is dropped and the optimizer skips it")
+    p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--data_path", default=None,
+                   help="image folder (ImageFolder layout) to load through the real pipelines; default: "
+                        "synthetic random tensors (the step alone)")
+    p.add_argument("--num_workers", default=2, type=int, help="data loading workers with --data_path")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--repeats", default=1, type=int,
+                   help="run each implementation this many times (alternating order, a fresh process each); "
+                        "the summary takes the median of the per-run medians")
+    p.add_argument("--_child", default=None, choices=["ours", "official"], help=argparse.SUPPRESS)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment description
+# ----------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                      stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                        stderr=subprocess.DEVNULL).decode().strip()
+        return sha + (" (uncommitted changes)" if dirty else "")
+    except Exception:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child: helpers
+# ----------------------------------------------------------------------------------------------------
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+class TimedLoader:
+    """Yields the first `n` batches of `loader`, stamping time.perf_counter() at each batch request
+    (and at the request that follows the last batch, which ends the last iteration)."""
+
+    def __init__(self, loader, n: int, device):
+        self.loader, self.n, self.device = loader, n, device
+        self.stamps, self.cpu_stamps = [], []
+        self.sampler = getattr(loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _stamp(self) -> None:
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())  # CPU time of all this process's threads
+
+    def __iter__(self):
+        self._stamp()
+        it = iter(self.loader)
+        for i in range(self.n):
+            if i > 0:
+                self._stamp()
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise SystemExit(f"the data has only {i} batches of this size; lower --iters/--warmup/--batch_size")
+            yield batch
+        self._stamp()
+
+
+def synthetic_batch(args, torch):
+    """The same crops for both implementations: [g1, g2, l1, ..., lN], each [B, 3, S, S]."""
+    g = torch.Generator().manual_seed(args.seed)
+    B = args.batch_size
+    crops = [torch.randn(B, 3, args.global_crops_size, args.global_crops_size, generator=g) for _ in range(2)]
+    crops += [torch.randn(B, 3, args.local_crops_size, args.local_crops_size, generator=g)
+              for _ in range(args.local_crops_number)]
+    if torch.cuda.is_available():
+        crops = [c.pin_memory() for c in crops]  # as a pin_memory=True DataLoader hands them over
+    return crops
+
+
+def count_step_flops(step_fn, torch) -> int:
+    """Model FLOPs of `step_fn()` (forward + loss + backward).
+
+    Fused attention is counted as the explicit attention it replaces: 2 matmuls forward and 4 backward.
+    FlopCounterMode does not know the CPU flash kernels at all, and counts a 5th (recomputed) matmul in
+    the backward of the CUDA ones; the same formula for both keeps ours and the official comparable.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    aten = torch.ops.aten
+
+    def fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    custom = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+        if hasattr(aten, name):
+            custom[getattr(aten, name)] = fwd
+        if hasattr(aten, name + "_backward"):
+            custom[getattr(aten, name + "_backward")] = bwd
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        step_fn()
+    return int(counter.get_total_flops())
+
+
+def load_official():
+    path = os.path.join(REPO_ROOT, "tests", "official_dino.py")
+    spec = importlib.util.spec_from_file_location("official_dino_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child: ours
+# ----------------------------------------------------------------------------------------------------
+def run_ours(bench, device, torch, synthetic):
+    import torch.backends.cudnn as cudnn
+    import data
+    import main_dino
+    import utils
+    import vision_transformer as vits
+    from losses import DINOLoss
+
+    out_dir = tempfile.mkdtemp(prefix="bench_dino_")
+    argv = ["--arch", bench.arch, "--patch_size", str(bench.patch_size), "--out_dim", str(bench.out_dim),
+            "--batch_size_per_gpu", str(bench.batch_size), "--local_crops_number", str(bench.local_crops_number),
+            "--global_crops_size", str(bench.global_crops_size), "--local_crops_size", str(bench.local_crops_size),
+            "--num_workers", str(bench.num_workers), "--seed", str(bench.seed), "--output_dir", out_dir,
+            "--data_path", bench.data_path or "synthetic"]
+    args = main_dino.get_args_parser().parse_args(argv)
+    os.rmdir(out_dir)  # train_one_epoch writes nothing; only the flag needs a value
+    main_dino.check_args(args)
+    args.rank, args.world_size, args.gpu, args.device = 0, 1, 0, device
+    if bench.epoch >= args.epochs:
+        raise SystemExit(f"--epoch must be below the schedule's {args.epochs} epochs")
+    cudnn.benchmark = True
+    n_batches = bench.warmup + bench.iters
+
+    # ---- data (train_dino's pipeline with --data_path, else the same synthetic batch every iteration)
+    if bench.data_path:
+        transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                              args.local_crops_number, args.global_crops_size,
+                                              args.local_crops_size)
+        dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
+        loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
+                                   args.world_size, pin_memory=device.type == "cuda")
+        loader.sampler.set_epoch(bench.epoch)
+        data_desc = (f"{bench.data_path} ({len(dataset)} images) via data.PretrainDataset + data.build_loader, "
+                     f"{args.num_workers} workers")
+    else:
+        labels = torch.zeros(bench.batch_size, dtype=torch.long)
+        batch = (synthetic, labels, [""] * bench.batch_size)
+        loader = [batch] * n_batches
+        data_desc = "synthetic random tensors (same batch every iteration)"
+
+    # ---- models, exactly as train_dino
+    torch.manual_seed(bench.seed)
+    student, embed_dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
+    teacher, _ = utils.build_backbone(args.arch, args.patch_size)
+    student = utils.MultiCropWrapper(student, vits.DINOHead(
+        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(device), teacher.to(device)
+    teacher_without_ddp = teacher
+    teacher_without_ddp.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    params_groups = utils.get_params_groups(student)
+    optimizer = torch.optim.AdamW(params_groups, fused=True)
+    autocast, fp16_scaler, precision = main_dino.precision_setup(args)
+
+    niter_per_ep = n_batches // args.grad_accum_steps
+    total_batch = args.batch_size_per_gpu * args.world_size * args.grad_accum_steps
+    lr_schedule = utils.cosine_scheduler(args.lr * total_batch / 256., args.min_lr, args.epochs, niter_per_ep,
+                                         warmup_epochs=args.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+    rss_models = max_rss_mib()
+
+    # ---- the real loop, timed
+    timed = TimedLoader(loader, n_batches, device)
+    stats = main_dino.train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, timed, optimizer,
+                                      lr_schedule, wd_schedule, momentum_schedule, bench.epoch, fp16_scaler, args,
+                                      autocast=autocast)
+
+    # ---- FLOPs of one forward + backward (outside the timed loop; restores the loss centre)
+    images = [im.to(device, non_blocking=True) for im in synthetic]
+    center = dino_loss.center.clone()
+
+    def step():
+        with autocast():
+            with torch.no_grad():
+                teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, bench.epoch)
+        loss.backward()
+    flops = count_step_flops(step, torch)
+    dino_loss.center.copy_(center)
+    optimizer.zero_grad(set_to_none=True)
+
+    n_student = sum(p.numel() for p in student.parameters())
+    return dict(
+        desc=(f"main_dino.train_one_epoch (real loop); {precision}; our ViT (SDPA attention), "
+              "AdamW(fused=True), foreach clip + EMA"),
+        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student, rss_models=rss_models,
+        loop_stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child: official
+# ----------------------------------------------------------------------------------------------------
+def run_official(bench, device, torch, synthetic):
+    import math
+    import torch.nn as nn
+    ref = load_official()
+    arch = bench.arch.replace("deit", "vit")  # as the official main_dino does
+    if not hasattr(ref, arch):
+        raise SystemExit(f"the official reference has no architecture {bench.arch!r} (vit_tiny/small/base only)")
+    # the official defaults
+    drop_path_rate, norm_last_layer, use_bn = 0.1, True, False
+    lr, min_lr, warmup_epochs, epochs = 0.0005, 1e-6, 10, 100
+    weight_decay, weight_decay_end, momentum_teacher = 0.04, 0.4, 0.996
+    warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs = 0.04, 0.04, 0
+    clip_grad, freeze_last_layer = 3.0, 1
+    n_batches = bench.warmup + bench.iters
+    use_fp16 = device.type == "cuda"
+
+    if bench.data_path:
+        import data
+        from torchvision import datasets
+        # the official recipe; data.DataAugmentationDINO is the same transform list as the official one
+        transform = data.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), bench.local_crops_number,
+                                              bench.global_crops_size, bench.local_crops_size)
+        dataset = datasets.ImageFolder(bench.data_path, transform=transform)
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
+                                                      seed=bench.seed)
+        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=bench.batch_size,
+                                             num_workers=bench.num_workers, pin_memory=device.type == "cuda",
+                                             drop_last=True)
+        sampler.set_epoch(bench.epoch)
+        data_desc = (f"{bench.data_path} ({len(dataset)} images) via torchvision ImageFolder + "
+                     f"data.DataAugmentationDINO (same recipe as the official class) + DistributedSampler "
+                     f"DataLoader, {bench.num_workers} workers")
+    else:
+        loader = [(synthetic, torch.zeros(bench.batch_size, dtype=torch.long))] * n_batches
+        data_desc = "synthetic random tensors (same batch every iteration)"
+
+    torch.manual_seed(bench.seed)
+    student = getattr(ref, arch)(patch_size=bench.patch_size, drop_path_rate=drop_path_rate)
+    teacher = getattr(ref, arch)(patch_size=bench.patch_size)
+    embed_dim = student.embed_dim
+    student = ref.MultiCropWrapper(student, ref.DINOHead(embed_dim, bench.out_dim, use_bn=use_bn,
+                                                         norm_last_layer=norm_last_layer))
+    teacher = ref.MultiCropWrapper(teacher, ref.DINOHead(embed_dim, bench.out_dim, use_bn))
+    student, teacher = student.to(device), teacher.to(device)
+    teacher_without_ddp = teacher
+    teacher_without_ddp.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    dino_loss = ref.DINOLoss(bench.out_dim, bench.local_crops_number + 2, warmup_teacher_temp, teacher_temp,
+                             warmup_teacher_temp_epochs, epochs).to(device)
+    params_groups = ref.get_params_groups(student)
+    optimizer = torch.optim.AdamW(params_groups)  # to use with ViTs
+    fp16_scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
+    niter_per_ep = n_batches
+    lr_schedule = ref.cosine_scheduler(lr * bench.batch_size / 256., min_lr, epochs, niter_per_ep,
+                                       warmup_epochs=warmup_epochs)
+    wd_schedule = ref.cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)
+    momentum_schedule = ref.cosine_scheduler(momentum_teacher, 1, epochs, niter_per_ep)
+    rss_models = max_rss_mib()
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.float16, enabled=fp16_scaler is not None) \
+            if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    # ---- the official train_one_epoch body (metric logger left out: no printing per iteration)
+    epoch = bench.epoch
+    timed = TimedLoader(loader, n_batches, device)
+    losses = []
+    for it, (images, _) in enumerate(timed):
+        it = len(timed) * epoch + it  # global training iteration
+        for i, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = lr_schedule[it]
+            if i == 0:  # only the first group is regularized
+                param_group["weight_decay"] = wd_schedule[it]
+        images = [im.to(device, non_blocking=True) for im in images]
+        with autocast():
+            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"Loss is {loss.item()}, stopping training")
+        optimizer.zero_grad()
+        if fp16_scaler is None:
+            loss.backward()
+            if clip_grad:
+                ref.clip_gradients(student, clip_grad)
+            ref.cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+            optimizer.step()
+        else:
+            fp16_scaler.scale(loss).backward()
+            if clip_grad:
+                fp16_scaler.unscale_(optimizer)
+                ref.clip_gradients(student, clip_grad)
+            ref.cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+        with torch.no_grad():
+            m = momentum_schedule[it]  # momentum parameter
+            for param_q, param_k in zip(student.parameters(), teacher_without_ddp.parameters()):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        losses.append(loss.item())
+
+    images = [im.to(device, non_blocking=True) for im in synthetic]
+    center = dino_loss.center.clone()
+
+    def step():
+        with autocast():
+            teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        optimizer.zero_grad()
+        loss.backward()
+    flops = count_step_flops(step, torch)
+    dino_loss.center = center
+    optimizer.zero_grad()
+
+    precision = "fp16 autocast + GradScaler" if use_fp16 else "fp32 (CPU)"
+    n_student = sum(p.numel() for p in student.parameters())
+    return dict(
+        desc=(f"official loop (tests/official_dino.py modules); {precision}; explicit-softmax ViT, "
+              "weight_norm head, torch.optim.AdamW defaults, per-param clip + Python-loop EMA; "
+              "no DDP wrapper (needs a process group)"),
+        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student, rss_models=rss_models,
+        loop_stats={"loss_last": losses[-1] if losses else float("nan")})
+
+
+def child_main(bench) -> None:
+    import torch
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    rss_imports = max_rss_mib()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    synthetic = synthetic_batch(bench, torch)
+    runner = run_ours if bench._child == "ours" else run_official
+    res = runner(bench, device, torch, synthetic)
+    stamps, cpu_stamps = res.pop("stamps"), res.pop("cpu_stamps")
+    res.update(
+        impl=bench._child, threads=torch.get_num_threads(), device=str(device),
+        iter_times=[b - a for a, b in zip(stamps, stamps[1:])],
+        iter_cpu_times=[b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])], rss_imports=rss_imports, rss_peak=max_rss_mib(),
+        cuda_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        loadavg=loadavg())
+    print(RESULT_MARKER + json.dumps(res), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parent
+# ----------------------------------------------------------------------------------------------------
+def run_child(impl: str):
+    cmd = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + ["--_child", impl]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                            bufsize=1)
+    result = None
+    for line in proc.stdout:
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER):])
+        else:
+            print(f"    | {line.rstrip()}", flush=True)
+    rc = proc.wait()
+    if rc != 0 or result is None:
+        print(f"  {impl}: FAILED (exit code {rc})", flush=True)
+        return None
+    return result
+
+
+def report(res, bench):
+    """Print one run's figures; return (median, min) s/iteration over the timed iterations."""
+    times = res["iter_times"]
+    timed = times[bench.warmup:]
+    if not timed:
+        print(f"  {res['impl']}: no timed iterations")
+        return None
+    med, best = statistics.median(timed), min(timed)
+    flops = res["flops"]
+    print(f"  {res['impl']}: {res['desc']}")
+    print(f"    data:                {res['data']}")
+    print(f"    device / threads:    {res['device']} / {res['threads']}")
+    print(f"    student parameters:  {res['params'] / 1e6:.2f} M")
+    print(f"    iteration times (s): " + " ".join(f"{t:.3f}" for t in times)
+          + f"   (first {bench.warmup} = warmup, discarded)")
+    print(f"    median s/iteration:  {med:.4f}   (mean {statistics.mean(timed):.4f}, min {min(timed):.4f}, "
+          f"max {max(timed):.4f}, n={len(timed)})")
+    print(f"    images/s:            {bench.batch_size / med:.2f}")
+    cpu = res["iter_cpu_times"][bench.warmup:]
+    print(f"    CPU time / wall:     {sum(cpu) / sum(timed):.2f} over the timed iterations (this process's "
+          f"threads; {res['threads']} = all threads busy, spin-waits included; less = waiting for data or "
+          "for cores taken by other processes)")
+    print(f"    FLOPs per image:     {flops / bench.batch_size / 1e9:.2f} GFLOP (forward + backward of one "
+          f"step, teacher included, fused attention counted as explicit; "
+          f"{flops / 1e9:.1f} GFLOP per step)")
+    print(f"    achieved:            {flops / med / 1e9:.1f} GFLOP/s at the median ({flops / best / 1e9:.1f} at "
+          "the fastest iteration)")
+    mem = f"{res['rss_peak']:.0f} MiB peak RSS (after imports {res['rss_imports']:.0f}, after model build " \
+          f"{res['rss_models']:.0f})"
+    if res.get("cuda_peak_mib") is not None:
+        mem += f"; CUDA max allocated {res['cuda_peak_mib']:.0f} MiB"
+    print(f"    memory:              {mem}")
+    if bench.data_path and bench.num_workers > 0:
+        print("                         (main process only; data workers not included)")
+    if res.get("loop_stats"):
+        print("    loop stats:          " + ", ".join(f"{k}={v:.4g}" for k, v in res["loop_stats"].items()))
+    print(f"    load average after:  {res['loadavg']}")
+    return med, best
+
+
+def main() -> None:
+    bench = get_parser().parse_args()
+    if bench._child:
+        child_main(bench)
+        return
+    import torch
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    print("# DINO training-step benchmark (benchmarks/bench_train.py)")
+    print(f"command:      python {' '.join(shlex.quote(a) for a in [os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + sys.argv[1:])}")
+    print(f"date:         {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"git:          {git_sha()}")
+    print(f"python/torch: {platform.python_version()} / torch {torch.__version__}")
+    print(f"CPU:          {cpu_model()} ({os.cpu_count()} logical CPUs)")
+    if torch.cuda.is_available():
+        print(f"GPU:          {torch.cuda.get_device_name(0)}")
+    print(f"threads:      {torch.get_num_threads()} ({'--threads' if bench.threads else 'torch default'})")
+    print(f"load average: {loadavg()} (1/5/15 min, before)")
+    print(f"setup:        arch {bench.arch}/{bench.patch_size}, batch {bench.batch_size}, 2x{bench.global_crops_size}px "
+          f"+ {bench.local_crops_number}x{bench.local_crops_size}px crops, out_dim {bench.out_dim}, epoch index "
+          f"{bench.epoch}, {bench.warmup} warmup + {bench.iters} timed iterations, "
+          f"data: {bench.data_path or 'synthetic tensors'}")
+    print(flush=True)
+    impls = ["ours", "official"] if bench.impl == "both" else [bench.impl]
+    medians = {impl: [] for impl in impls}
+    bests = {impl: [] for impl in impls}
+    for r in range(max(1, bench.repeats)):
+        for impl in (impls if r % 2 == 0 else impls[::-1]):
+            run_name = impl if bench.repeats <= 1 else f"{impl} (run {r + 1}/{bench.repeats})"
+            print(f"[{run_name}] running in a fresh subprocess ...", flush=True)
+            res = run_child(impl)
+            if res is not None:
+                print()
+                figures = report(res, bench)
+                if figures is not None:
+                    medians[impl].append(figures[0])
+                    bests[impl].append(figures[1])
+            print(flush=True)
+    summary = {impl: statistics.median(m) for impl, m in medians.items() if m}
+    if bench.repeats > 1:
+        for impl, m in medians.items():
+            if m:
+                print(f"{impl}: median of {len(m)} runs {summary[impl]:.4f} s/iteration "
+                      f"({bench.batch_size / summary[impl]:.2f} images/s); runs: "
+                      + " ".join(f"{x:.4f}" for x in m))
+    if "ours" in summary and "official" in summary:
+        print(f"speed-up ours/official (official median time / ours): {summary['official'] / summary['ours']:.2f}x "
+              f"({bench.batch_size / summary['ours']:.2f} vs {bench.batch_size / summary['official']:.2f} images/s)")
+        best_ours, best_official = min(bests["ours"]), min(bests["official"])
+        print(f"speed-up ours/official at the fastest iterations (least disturbed by other load): "
+              f"{best_official / best_ours:.2f}x ({best_ours:.4f} vs {best_official:.4f} s/iteration)")
+    print(f"load average: {loadavg()} (after)")
+
+
+if __name__ == "__main__":
+    main()
