@@ -50,8 +50,17 @@ def run_cmd(args, cwd=REPO_ROOT, timeout=600, env=None, check=True):
     full_env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS", "1"),
                      "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
-    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    # A session of its own: on a timeout the whole group (torchrun's workers, data-loader workers) is killed.
+    with subprocess.Popen([str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            stdout, stderr = p.communicate()
+            raise AssertionError(f"command timed out after {timeout} s: {' '.join(map(str, args))}\n"
+                                 f"--- stdout ---\n{stdout[-5000:]}\n--- stderr ---\n{stderr[-5000:]}")
+    proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
                              f"--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")

@@ -191,12 +191,45 @@ def test_unwritable_output_dir_fails_before_training(cifar_subset, tmp_path):
     assert "Starting DINO training" not in proc.stdout
 
 
-def test_nonfinite_loss_stops_with_advice(cifar_subset, tmp_path):
+def test_nonfinite_loss_stops_with_advice_and_keeps_last_good_checkpoint(cifar_subset, tmp_path):
     out = tmp_path / "run"
-    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
-                             "--lr", "1e38", "--warmup_epochs", 0, "--clip_grad", 0, "--freeze_last_layer", 0,
-                             *FAST[:-6]), check=False)
+    common = ["--data_path", cifar_subset, "--output_dir", out, "--num_workers", 0, *FAST]
+    run_cmd(main_dino(*common, "--epochs", 1))
+    good = (out / "checkpoint.pth").read_bytes()
+    # Same run continued for a second epoch with an absurd learning rate: the loss turns non-finite.
+    proc = run_cmd(main_dino(*common, "--epochs", 2, "--lr", "1e38", "--warmup_epochs", 0, "--clip_grad", 0,
+                             "--freeze_last_layer", 0), check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
     assert "Loss is nan" in proc.stderr or "Loss is inf" in proc.stderr
-    assert "lower --lr" in proc.stderr
-    assert not (out / "checkpoint.pth").exists()  # a broken state is never saved
+    assert "lower --lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "checkpoint.pth").read_bytes() == good, "the last good checkpoint was overwritten"
+    assert [r["epoch"] for r in read_log(out)] == [0]
+
+
+def test_resume_from_official_format_checkpoint(cifar_subset, tmp_path):
+    """A checkpoint as the official main_dino.py writes it (args as argparse.Namespace, fp16_scaler, no RNG
+    state or log history) resumes."""
+    import argparse
+    out = tmp_path / "run"
+    common = ["--data_path", cifar_subset, "--output_dir", out, "--num_workers", 0, *FAST]
+    run_cmd(main_dino(*common, "--epochs", 1))
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    official = {k: ckpt[k] for k in ("student", "teacher", "optimizer", "epoch", "dino_loss")}
+    official["args"] = argparse.Namespace(**ckpt["args"])
+    official["fp16_scaler"] = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                               "growth_interval": 2000, "_growth_tracker": 0}
+    torch.save(official, out / "checkpoint.pth")
+    proc = run_cmd(main_dino(*common, "--epochs", 2))
+    assert "=> loaded 'student'" in proc.stdout and "=> loaded 'teacher'" in proc.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224"])
+def test_torchvision_and_timm_backbones(cifar_subset, tmp_path, arch):
+    out = tmp_path / arch
+    flags = [f for f in FAST]
+    flags[flags.index("--arch") + 1] = arch
+    flags[flags.index("--patch_size") + 1] = "16"
+    run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
+                      "--optimizer", "sgd", "--lr", "0.03", *flags))
+    assert len(read_log(out)) == 1
