@@ -456,15 +456,24 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(base)
 
 
+def _seed_low_priority_worker(worker_id: int) -> None:
+    # Training on CPU, workers share the cores with the compute threads: when a worker preempts one of
+    # them in the middle of a parallel operation, all the others wait for it. At the lowest priority the
+    # workers run in the gaps instead (and at full speed whenever training waits for data).
+    os.nice(19)
+    _seed_worker(worker_id)
+
+
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int = 0,
                  world_size: int = 1, pin_memory: bool = False, drop_last: bool = True,
-                 shuffle: bool = True) -> DataLoader:
+                 shuffle: bool = True, low_priority_workers: bool = False) -> DataLoader:
     """DataLoader over `dataset` (a PretrainDataset) with an EpochSampler; call
-    `loader.sampler.set_epoch(epoch)` before each epoch."""
+    `loader.sampler.set_epoch(epoch)` before each epoch. `low_priority_workers` (for training on CPU)
+    runs the workers at the lowest scheduling priority."""
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-        drop_last=drop_last, worker_init_fn=_seed_worker,
+        drop_last=drop_last, worker_init_fn=_seed_low_priority_worker if low_priority_workers else _seed_worker,
         # Its own generator: creating iterators must not consume the training RNG (exact resume).
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,

@@ -14,11 +14,10 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
-from typing import Dict, List, Optional
+from types import SimpleNamespace
+from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
 import torch.distributed as dist
@@ -189,33 +188,19 @@ def plain_args(args: argparse.Namespace) -> Dict:
     return out
 
 
-def train_dino(args: argparse.Namespace) -> None:
-    check_args(args)
-    utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed + args.rank)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
-    cudnn.benchmark = True
-    if utils.is_main_process():
-        utils.check_output_dir(args.output_dir)
-
-    # ============ preparing data ... ============
+def build_data(args: argparse.Namespace):
+    """The multi-crop dataset and its loader (seeded per sample, sharded over processes)."""
     transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                           args.global_crops_size, args.local_crops_size)
     dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
     data_loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
-                                    args.world_size, pin_memory=args.device.type == "cuda")
-    niter_per_ep = len(data_loader) // args.grad_accum_steps
-    if niter_per_ep == 0:
-        raise utils.UserError(
-            f"{len(dataset)} images are not enough for one step of {args.batch_size_per_gpu} images x "
-            f"{args.world_size} processes x {args.grad_accum_steps} accumulation steps: lower "
-            "--batch_size_per_gpu or --grad_accum_steps, or use more data")
-    print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
-          f"{niter_per_ep} optimizer steps per epoch.")
+                                    args.world_size, pin_memory=args.device.type == "cuda",
+                                    low_priority_workers=args.device.type == "cpu")
+    return dataset, data_loader
 
+
+def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
+    """Student, teacher, loss, optimizer, precision and schedules, as the training loop uses them."""
     # ============ building student and teacher networks ... ============
     student, embed_dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
     teacher, _ = utils.build_backbone(args.arch, args.patch_size)
@@ -279,6 +264,38 @@ def train_dino(args: argparse.Namespace) -> None:
     # momentum parameter is increased to 1. during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
     print("Loss, optimizer and schedulers ready.")
+    return SimpleNamespace(student=student, teacher=teacher, teacher_without_ddp=teacher_without_ddp,
+                           dino_loss=dino_loss, optimizer=optimizer, fp16_scaler=fp16_scaler, autocast=autocast,
+                           precision=precision, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                           momentum_schedule=momentum_schedule)
+
+
+def train_dino(args: argparse.Namespace) -> None:
+    check_args(args)
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed + args.rank)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    print("git:\n  {}\n".format(utils.get_sha()))
+    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    cudnn.benchmark = True
+    if utils.is_main_process():
+        utils.check_output_dir(args.output_dir)
+
+    # ============ preparing data ... ============
+    dataset, data_loader = build_data(args)
+    niter_per_ep = len(data_loader) // args.grad_accum_steps
+    if niter_per_ep == 0:
+        raise utils.UserError(
+            f"{len(dataset)} images are not enough for one step of {args.batch_size_per_gpu} images x "
+            f"{args.world_size} processes x {args.grad_accum_steps} accumulation steps: lower "
+            "--batch_size_per_gpu or --grad_accum_steps, or use more data")
+    print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
+          f"{niter_per_ep} optimizer steps per epoch.")
+
+    run = build_training(args, niter_per_ep)
+    student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
+    distributed = args.world_size > 1
 
     # ============ optionally resume training ... ============
     to_restore = {"epoch": 0, "log_history": []}
@@ -289,7 +306,7 @@ def train_dino(args: argparse.Namespace) -> None:
         student=student,
         teacher=teacher,
         optimizer=optimizer,
-        fp16_scaler=fp16_scaler,
+        fp16_scaler=run.fp16_scaler,
         dino_loss=dino_loss,
     )
     start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
@@ -310,9 +327,9 @@ def train_dino(args: argparse.Namespace) -> None:
         data_loader.sampler.set_epoch(epoch)
 
         # ============ training one epoch of DINO ... ============
-        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer,
-                                      lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler, args,
-                                      autocast=autocast, bad_images=bad_images)
+        train_stats = train_one_epoch(student, teacher, run.teacher_without_ddp, dino_loss, data_loader, optimizer,
+                                      run.lr_schedule, run.wd_schedule, run.momentum_schedule, epoch,
+                                      run.fp16_scaler, args, autocast=run.autocast, bad_images=bad_images)
 
         # ============ writing logs ... ============
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
@@ -331,8 +348,8 @@ def train_dino(args: argparse.Namespace) -> None:
             'rng_states': rng_states,
             'log_history': log_history,
         }
-        if fp16_scaler is not None:
-            save_dict['fp16_scaler'] = fp16_scaler.state_dict()
+        if run.fp16_scaler is not None:
+            save_dict['fp16_scaler'] = run.fp16_scaler.state_dict()
         utils.save_on_master(save_dict, checkpoint_path)
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))

@@ -21,8 +21,11 @@ Per-iteration time = time between two successive batch requests of the training 
 wrapped in an object that stamps `time.perf_counter()` at each request; on CUDA it synchronises first),
 so it covers data waiting + the whole step. The first `--warmup` iterations are discarded.
 FLOPs: one forward (teacher on the 2 global crops, student on all crops) + loss + backward, counted by
-`torch.utils.flop_counter.FlopCounterMode` outside the timed loop (the CPU flash-attention kernel, which
-FlopCounterMode does not know, is counted with its standard SDPA formula).
+`torch.utils.flop_counter.FlopCounterMode` outside the timed loop; fused attention kernels are counted as
+the explicit attention they replace (FlopCounterMode ignores the CPU flash kernels and counts a
+recomputation in the CUDA ones), so both implementations report the same model FLOPs.
+Figures on a machine shared with other work are noisy: "CPU time / wall" and the load averages show it,
+the fastest-iteration figures are the least disturbed, `--repeats` alternates fresh runs.
 """
 import argparse
 import datetime
@@ -143,7 +146,8 @@ class TimedLoader:
             try:
                 batch = next(it)
             except StopIteration:
-                raise SystemExit(f"the data has only {i} batches of this size; lower --iters/--warmup/--batch_size")
+                raise SystemExit(f"the data has only {i} batches of this size; "
+                                 "lower --iters/--warmup/--batch_size")
             yield batch
         self._stamp()
 
@@ -201,11 +205,7 @@ def load_official():
 # ----------------------------------------------------------------------------------------------------
 def run_ours(bench, device, torch, synthetic):
     import torch.backends.cudnn as cudnn
-    import data
     import main_dino
-    import utils
-    import vision_transformer as vits
-    from losses import DINOLoss
 
     out_dir = tempfile.mkdtemp(prefix="bench_dino_")
     argv = ["--arch", bench.arch, "--patch_size", str(bench.patch_size), "--out_dim", str(bench.out_dim),
@@ -224,14 +224,9 @@ def run_ours(bench, device, torch, synthetic):
 
     # ---- data (train_dino's pipeline with --data_path, else the same synthetic batch every iteration)
     if bench.data_path:
-        transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
-                                              args.local_crops_number, args.global_crops_size,
-                                              args.local_crops_size)
-        dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
-        loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
-                                   args.world_size, pin_memory=device.type == "cuda")
+        dataset, loader = main_dino.build_data(args)
         loader.sampler.set_epoch(bench.epoch)
-        data_desc = (f"{bench.data_path} ({len(dataset)} images) via data.PretrainDataset + data.build_loader, "
+        data_desc = (f"{bench.data_path} ({len(dataset)} images) via main_dino.build_data, "
                      f"{args.num_workers} workers")
     else:
         labels = torch.zeros(bench.batch_size, dtype=torch.long)
@@ -239,37 +234,19 @@ def run_ours(bench, device, torch, synthetic):
         loader = [batch] * n_batches
         data_desc = "synthetic random tensors (same batch every iteration)"
 
-    # ---- models, exactly as train_dino
+    # ---- models, loss, optimizer, schedules: main_dino.build_training, as train_dino builds them
     torch.manual_seed(bench.seed)
-    student, embed_dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
-    teacher, _ = utils.build_backbone(args.arch, args.patch_size)
-    student = utils.MultiCropWrapper(student, vits.DINOHead(
-        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
-    teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
-    student, teacher = student.to(device), teacher.to(device)
-    teacher_without_ddp = teacher
-    teacher_without_ddp.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    params_groups = utils.get_params_groups(student)
-    optimizer = torch.optim.AdamW(params_groups, fused=True)
-    autocast, fp16_scaler, precision = main_dino.precision_setup(args)
-
     niter_per_ep = n_batches // args.grad_accum_steps
-    total_batch = args.batch_size_per_gpu * args.world_size * args.grad_accum_steps
-    lr_schedule = utils.cosine_scheduler(args.lr * total_batch / 256., args.min_lr, args.epochs, niter_per_ep,
-                                         warmup_epochs=args.warmup_epochs)
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+    run = main_dino.build_training(args, niter_per_ep)
+    student, teacher, dino_loss, optimizer = run.student, run.teacher, run.dino_loss, run.optimizer
+    autocast, precision = run.autocast, run.precision
     rss_models = max_rss_mib()
 
     # ---- the real loop, timed
     timed = TimedLoader(loader, n_batches, device)
-    stats = main_dino.train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, timed, optimizer,
-                                      lr_schedule, wd_schedule, momentum_schedule, bench.epoch, fp16_scaler, args,
-                                      autocast=autocast)
+    stats = main_dino.train_one_epoch(student, teacher, run.teacher_without_ddp, dino_loss, timed, optimizer,
+                                      run.lr_schedule, run.wd_schedule, run.momentum_schedule, bench.epoch,
+                                      run.fp16_scaler, args, autocast=autocast)
 
     # ---- FLOPs of one forward + backward (outside the timed loop; restores the loss centre)
     images = [im.to(device, non_blocking=True) for im in synthetic]
@@ -290,8 +267,8 @@ def run_ours(bench, device, torch, synthetic):
     return dict(
         desc=(f"main_dino.train_one_epoch (real loop); {precision}; our ViT (SDPA attention), "
               "AdamW(fused=True), foreach clip + EMA"),
-        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student, rss_models=rss_models,
-        loop_stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student,
+        rss_models=rss_models, loop_stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,7 +276,6 @@ def run_ours(bench, device, torch, synthetic):
 # ----------------------------------------------------------------------------------------------------
 def run_official(bench, device, torch, synthetic):
     import math
-    import torch.nn as nn
     ref = load_official()
     arch = bench.arch.replace("deit", "vit")  # as the official main_dino does
     if not hasattr(ref, arch):
@@ -421,8 +397,8 @@ def run_official(bench, device, torch, synthetic):
         desc=(f"official loop (tests/official_dino.py modules); {precision}; explicit-softmax ViT, "
               "weight_norm head, torch.optim.AdamW defaults, per-param clip + Python-loop EMA; "
               "no DDP wrapper (needs a process group)"),
-        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student, rss_models=rss_models,
-        loop_stats={"loss_last": losses[-1] if losses else float("nan")})
+        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student,
+        rss_models=rss_models, loop_stats={"loss_last": losses[-1] if losses else float("nan")})
 
 
 def child_main(bench) -> None:
@@ -441,7 +417,8 @@ def child_main(bench) -> None:
     res.update(
         impl=bench._child, threads=torch.get_num_threads(), device=str(device),
         iter_times=[b - a for a, b in zip(stamps, stamps[1:])],
-        iter_cpu_times=[b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])], rss_imports=rss_imports, rss_peak=max_rss_mib(),
+        iter_cpu_times=[b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])],
+        rss_imports=rss_imports, rss_peak=max_rss_mib(),
         cuda_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         loadavg=loadavg())
     print(RESULT_MARKER + json.dumps(res), flush=True)
@@ -480,7 +457,7 @@ def report(res, bench):
     print(f"    data:                {res['data']}")
     print(f"    device / threads:    {res['device']} / {res['threads']}")
     print(f"    student parameters:  {res['params'] / 1e6:.2f} M")
-    print(f"    iteration times (s): " + " ".join(f"{t:.3f}" for t in times)
+    print("    iteration times (s): " + " ".join(f"{t:.3f}" for t in times)
           + f"   (first {bench.warmup} = warmup, discarded)")
     print(f"    median s/iteration:  {med:.4f}   (mean {statistics.mean(timed):.4f}, min {min(timed):.4f}, "
           f"max {max(timed):.4f}, n={len(timed)})")
@@ -516,7 +493,8 @@ def main() -> None:
     if bench.threads:
         torch.set_num_threads(bench.threads)
     print("# DINO training-step benchmark (benchmarks/bench_train.py)")
-    print(f"command:      python {' '.join(shlex.quote(a) for a in [os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + sys.argv[1:])}")
+    script = os.path.relpath(os.path.abspath(__file__), REPO_ROOT)
+    print(f"command:      python {' '.join(shlex.quote(a) for a in [script] + sys.argv[1:])}")
     print(f"date:         {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"git:          {git_sha()}")
     print(f"python/torch: {platform.python_version()} / torch {torch.__version__}")
@@ -525,10 +503,11 @@ def main() -> None:
         print(f"GPU:          {torch.cuda.get_device_name(0)}")
     print(f"threads:      {torch.get_num_threads()} ({'--threads' if bench.threads else 'torch default'})")
     print(f"load average: {loadavg()} (1/5/15 min, before)")
-    print(f"setup:        arch {bench.arch}/{bench.patch_size}, batch {bench.batch_size}, 2x{bench.global_crops_size}px "
-          f"+ {bench.local_crops_number}x{bench.local_crops_size}px crops, out_dim {bench.out_dim}, epoch index "
-          f"{bench.epoch}, {bench.warmup} warmup + {bench.iters} timed iterations, "
-          f"data: {bench.data_path or 'synthetic tensors'}")
+    print(f"setup:        arch {bench.arch}/{bench.patch_size}, batch {bench.batch_size}, "
+          f"2x{bench.global_crops_size}px + {bench.local_crops_number}x{bench.local_crops_size}px crops, "
+          f"out_dim {bench.out_dim}, epoch index {bench.epoch}, {bench.warmup} warmup + {bench.iters} timed "
+          f"iterations x {max(1, bench.repeats)} run(s), data: "
+          + (f"{bench.data_path} ({bench.num_workers} workers)" if bench.data_path else "synthetic tensors"))
     print(flush=True)
     impls = ["ours", "official"] if bench.impl == "both" else [bench.impl]
     medians = {impl: [] for impl in impls}
@@ -553,8 +532,9 @@ def main() -> None:
                       f"({bench.batch_size / summary[impl]:.2f} images/s); runs: "
                       + " ".join(f"{x:.4f}" for x in m))
     if "ours" in summary and "official" in summary:
-        print(f"speed-up ours/official (official median time / ours): {summary['official'] / summary['ours']:.2f}x "
-              f"({bench.batch_size / summary['ours']:.2f} vs {bench.batch_size / summary['official']:.2f} images/s)")
+        print(f"speed-up ours/official (official median time / ours): "
+              f"{summary['official'] / summary['ours']:.2f}x ({bench.batch_size / summary['ours']:.2f} vs "
+              f"{bench.batch_size / summary['official']:.2f} images/s)")
         best_ours, best_official = min(bests["ours"]), min(bests["official"])
         print(f"speed-up ours/official at the fastest iterations (least disturbed by other load): "
               f"{best_official / best_ours:.2f}x ({best_ours:.4f} vs {best_official:.4f} s/iteration)")
