@@ -319,6 +319,10 @@ def train_dino(args: argparse.Namespace) -> None:
             # log.txt holds exactly the epochs the checkpoint holds: none lost, none repeated.
             utils.write_json_lines(log_path, log_history)
         del checkpoint
+    elif utils.is_main_process() and os.path.exists(log_path):
+        # A log without a checkpoint belongs to another run: keep it aside rather than append to it.
+        os.replace(log_path, log_path + ".old")
+        print(f"No checkpoint in {args.output_dir}: starting from scratch; the previous log.txt is now log.txt.old")
 
     bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
     start_time = time.time()

@@ -233,3 +233,14 @@ def test_torchvision_and_timm_backbones(cifar_subset, tmp_path, arch):
     run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
                       "--optimizer", "sgd", "--lr", "0.03", *flags))
     assert len(read_log(out)) == 1
+
+
+def test_stale_log_without_checkpoint_is_kept_aside(cifar_subset, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.txt").write_text('{"train_loss": 1.0, "epoch": 0}\n{"train_loss": 0.5, "epoch": 1}\n')
+    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
+                             *FAST))
+    assert "the previous log.txt is now log.txt.old" in proc.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0]
+    assert (out / "log.txt.old").read_text().count("\n") == 2
