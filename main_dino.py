@@ -466,14 +466,19 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
 
 
 def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
+    """Stop on a non-finite loss. On GPU the check is deferred (`all_finite` accumulates on the device) so
+    that no step waits for the host; then the bad iteration is only known to be at or before `it`."""
     finite = bool(all_finite) if all_finite is not None else math.isfinite(loss.item())
     if finite:
         return
+    value = loss.item()
+    where = f"iteration {it}" if not math.isfinite(value) else f"an iteration up to {it}"
     raise utils.UserError(
-        f"Loss is {loss.item()} at epoch {epoch}, iteration {it}: stopping training. The last good checkpoint "
-        f"({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is untouched and the run resumes from it. "
-        "Try a lower --lr, a longer --warmup_epochs, fp32 (--use_fp16 false), a larger --freeze_last_layer, "
-        "gradient clipping (--clip_grad 0.3), or a lower --teacher_temp.")
+        f"Loss is {value if not math.isfinite(value) else 'not finite'} at epoch {epoch}, {where}: stopping "
+        f"training. The last good checkpoint ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
+        "untouched and the run resumes from it. Try a lower --lr, a longer --warmup_epochs, fp32 "
+        "(--use_fp16 false), a larger --freeze_last_layer, gradient clipping (--clip_grad 0.3), or a lower "
+        "--teacher_temp.")
 
 
 if __name__ == '__main__':
