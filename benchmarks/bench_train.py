@@ -8,10 +8,9 @@ memory is its own), on the same inputs:
     python benchmarks/bench_train.py --impl ours --arch vit_small --batch_size 32 --iters 10
     python benchmarks/bench_train.py --data_path /path/to/imagenet/train --num_workers 8   # real loading
 
-- `ours` builds what `main_dino.train_dino` builds (student/teacher `utils.MultiCropWrapper` with
-  `vision_transformer.DINOHead`, `losses.DINOLoss`, AdamW(fused=True) over `utils.get_params_groups`,
-  cosine schedules, `main_dino.precision_setup`) and times `main_dino.train_one_epoch` itself, over a
-  loader truncated to warmup + iters batches.
+- `ours` builds data, models, loss, optimizer and schedules with `main_dino.build_data` and
+  `main_dino.build_training` (what `main_dino.train_dino` uses) and times `main_dino.train_one_epoch`
+  itself, over a loader truncated to warmup + iters batches.
 - `official` is the official step rebuilt from the test-only reference `tests/official_dino.py`
   (explicit-softmax ViT, weight_norm DINOHead, official MultiCropWrapper and per-pair DINOLoss,
   torch.optim.AdamW with default settings, per-parameter clip loop with .item(), Python-loop EMA,
