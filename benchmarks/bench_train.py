@@ -274,7 +274,6 @@ def run_ours(bench, device, torch, synthetic):
 # Child: official
 # ----------------------------------------------------------------------------------------------------
 def run_official(bench, device, torch, synthetic):
-    import math
     ref = load_official()
     arch = bench.arch.replace("deit", "vit")  # as the official main_dino does
     if not hasattr(ref, arch):
@@ -336,45 +335,12 @@ def run_official(bench, device, torch, synthetic):
         return torch.autocast("cuda", dtype=torch.float16, enabled=fp16_scaler is not None) \
             if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    # ---- the official train_one_epoch body (metric logger left out: no printing per iteration)
+    # ---- the official train_one_epoch body (tests/official_dino.py; metric logger left out)
     epoch = bench.epoch
     timed = TimedLoader(loader, n_batches, device)
-    losses = []
-    for it, (images, _) in enumerate(timed):
-        it = len(timed) * epoch + it  # global training iteration
-        for i, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = lr_schedule[it]
-            if i == 0:  # only the first group is regularized
-                param_group["weight_decay"] = wd_schedule[it]
-        images = [im.to(device, non_blocking=True) for im in images]
-        with autocast():
-            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
-            student_output = student(images)
-            loss = dino_loss(student_output, teacher_output, epoch)
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"Loss is {loss.item()}, stopping training")
-        optimizer.zero_grad()
-        if fp16_scaler is None:
-            loss.backward()
-            if clip_grad:
-                ref.clip_gradients(student, clip_grad)
-            ref.cancel_gradients_last_layer(epoch, student, freeze_last_layer)
-            optimizer.step()
-        else:
-            fp16_scaler.scale(loss).backward()
-            if clip_grad:
-                fp16_scaler.unscale_(optimizer)
-                ref.clip_gradients(student, clip_grad)
-            ref.cancel_gradients_last_layer(epoch, student, freeze_last_layer)
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
-        with torch.no_grad():
-            m = momentum_schedule[it]  # momentum parameter
-            for param_q, param_k in zip(student.parameters(), teacher_without_ddp.parameters()):
-                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        losses.append(loss.item())
+    losses = ref.train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, timed, optimizer, lr_schedule,
+                                 wd_schedule, momentum_schedule, epoch, fp16_scaler, clip_grad, freeze_last_layer,
+                                 device)
 
     images = [im.to(device, non_blocking=True) for im in synthetic]
     center = dino_loss.center.clone()

@@ -511,3 +511,56 @@ class DINOLoss(nn.Module):
 
         # ema update
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+# ----------------------------------------------------------------------------------------------------
+# From main_dino.py: the body of train_one_epoch (MetricLogger left out; returns the losses)
+# ----------------------------------------------------------------------------------------------------
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
+                    wd_schedule, momentum_schedule, epoch, fp16_scaler, clip_grad, freeze_last_layer,
+                    device=torch.device("cpu")):
+    losses = []
+    for it, (images, _) in enumerate(data_loader):
+        # update weight decay and learning rate according to their schedule
+        it = len(data_loader) * epoch + it  # global training iteration
+        for i, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = lr_schedule[it]
+            if i == 0:  # only the first group is regularized
+                param_group["weight_decay"] = wd_schedule[it]
+
+        # move images to gpu
+        images = [im.to(device, non_blocking=True) for im in images]
+        # teacher and student forward passes + compute dino loss
+        with torch.autocast("cuda", dtype=torch.float16, enabled=fp16_scaler is not None) \
+                if device.type == "cuda" else torch.autocast("cpu", enabled=False):
+            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+
+        if not math.isfinite(loss.item()):
+            raise SystemExit("Loss is {}, stopping training".format(loss.item()))
+
+        # student update
+        optimizer.zero_grad()
+        if fp16_scaler is None:
+            loss.backward()
+            if clip_grad:
+                clip_gradients(student, clip_grad)
+            cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+            optimizer.step()
+        else:
+            fp16_scaler.scale(loss).backward()
+            if clip_grad:
+                fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
+                clip_gradients(student, clip_grad)
+            cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+
+        # EMA update for the teacher
+        with torch.no_grad():
+            m = momentum_schedule[it]  # momentum parameter
+            for param_q, param_k in zip(student.parameters(), teacher_without_ddp.parameters()):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        losses.append(loss.item())
+    return losses

@@ -8,11 +8,8 @@ outputs, gradients and side effects (DINO centre, clipped gradients) agree.
 CPU only and fast: small batches, small images for the large configurations, torch.no_grad.
 """
 import copy
-import importlib.util
-import sys
 import warnings
 from functools import lru_cache, partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,14 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The reference lives beside this file; tests/ is not a package, so load it by path.
-_REF_PATH = Path(__file__).resolve().parent / "official_dino.py"
-if "official_dino" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("official_dino", _REF_PATH)
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["official_dino"] = _mod
-    _spec.loader.exec_module(_mod)
-ref = sys.modules["official_dino"]
+import official_dino as ref  # noqa: E402  (the reference beside this file; pytest puts tests/ on sys.path)
 
 import vision_transformer as ovt  # noqa: E402  (ours; repo root is on sys.path via conftest.py)
 import losses  # noqa: E402

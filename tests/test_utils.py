@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import official_dino  # the reference beside this file (pytest puts tests/ on sys.path)
 import utils
 import vision_transformer as vits
 
@@ -380,21 +381,11 @@ def test_restart_not_a_dict(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Schedules, parameter groups, gradients
 # ----------------------------------------------------------------------------------------------------
-def _official_cosine(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warmup_schedule, schedule))
-
-
 @pytest.mark.parametrize("args", [(0.5, 1e-6, 10, 7, 2, 0.0), (0.996, 1.0, 5, 3, 0, 0), (1e-3, 1e-5, 4, 1, 1, 1e-4),
                                   (0.04, 0.04, 3, 5, 0, 0)])
 def test_cosine_scheduler_matches_official(args):
     ours = utils.cosine_scheduler(*args)
-    ref = _official_cosine(*args)
+    ref = official_dino.cosine_scheduler(*args)
     assert isinstance(ours, np.ndarray) and len(ours) == args[2] * args[3]
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
 
