@@ -392,8 +392,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is long and styled; keep the line that names the refused object.
-        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-        detail = re.sub(r"\x1b\[[0-9;]*m", "", refused[0] if refused else _first_line(e))
+        refused = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        detail = _first_line(refused[0] if refused else e)
         raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
                         f"containers ({detail}). Only load checkpoints you trust; if you do, convert it "
                         "to a state_dict first") from None
@@ -402,9 +402,10 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
                         f"{type(e).__name__}: {_first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _first_line(message) -> str:
+    """First line of an exception's (or a string's) message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(message)).strip()
+    return text.splitlines()[0] if text else type(message).__name__
 
 
 def match_state_dict_prefix(state_dict: Dict[str, Any], module: nn.Module) -> Dict[str, Any]:

@@ -12,8 +12,6 @@ sys.path.insert(0, str(REPO_ROOT))
 DATA_ROOT = Path(os.environ.get("DINO_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
 
-
-
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
