@@ -9,6 +9,8 @@
   so a run is reproducible whatever the number of workers or ranks, and a resumed run sees exactly the
   augmentations of an uninterrupted one. Unreadable images are replaced by another sample and reported.
 - `build_loader(...)`: the DataLoader with all of that wired in.
+- `eval_transform`, `EvalDataset`, `build_eval_loader`: the deterministic side, for k-NN and linear
+  evaluation (dataset order kept, unreadable images flagged rather than replaced).
 """
 import contextlib
 import glob
@@ -420,6 +422,58 @@ class PretrainDataset(Dataset):
                 raise RuntimeError(f"{self.max_attempts} unreadable images in a row, the last: {bad[-1]}")
             crops = self.transform(image)
         return crops, target, "\n".join(bad)
+
+
+def eval_transform(resize_size: int = 256, crop_size: int = 224):
+    """The official evaluation transform: bicubic resize of the short side, center crop, ImageNet
+    normalisation. For small images (CIFAR at 32 px) use e.g. `resize_size=crop_size=32`."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+class EvalDataset(Dataset):
+    """`(image, label, error)` for the images of an ImageFolder-style `base`, in dataset order.
+
+    An image that cannot be decoded gives a zero image and `error` = "path: reason" (else ""), so that
+    evaluation can leave it out and name it instead of stopping or silently changing the dataset.
+    """
+
+    def __init__(self, base, transform: Callable):
+        self.base = base
+        self.samples = base.samples
+        self.targets = [t for _, t in base.samples]
+        self.classes = base.classes
+        self.loader = getattr(base, "loader", pil_loader_rgb)
+        self.transform = transform
+        self._blank = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            return self.transform(self.loader(path)), target, ""
+        except Exception as e:
+            if self._blank is None:
+                self._blank = torch.zeros_like(self.transform(Image.new("RGB", (512, 512))))
+            return self._blank, target, f"{path}: {type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
+                      shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                      pin_memory: bool = False) -> DataLoader:
+    """DataLoader for evaluation: each of `world_size` ranks reads its share (DistributedSampler; without
+    shuffling, rank r reads indices r, r + world_size, ..., and the last indices are repeated to even the
+    shares). Call `loader.sampler.set_epoch(epoch)` when shuffling."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker)
 
 
 class BadImageTracker:

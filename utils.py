@@ -459,6 +459,104 @@ def restart_from_checkpoint(ckp_path: str, run_variables: Optional[Dict[str, Any
     return checkpoint
 
 
+def select_state_dict(checkpoint: Any, checkpoint_key: Optional[str], path: str) -> Dict[str, torch.Tensor]:
+    """The weights to evaluate inside a loaded checkpoint: `checkpoint[checkpoint_key]` for a full training
+    checkpoint (ours or official), or the file itself when it is already a state_dict (official
+    `*_pretrain.pth`, torchvision, timm and Meta DINOv3 files)."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict or a training checkpoint")
+    is_state_dict = all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    if checkpoint_key and checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], dict):
+        print(f"Take key {checkpoint_key} in provided checkpoint dict")
+        return checkpoint[checkpoint_key]
+    if is_state_dict:
+        return checkpoint
+    for key in ("model", "state_dict", "model_ema"):  # common wrappers (DeiT, Lightning, ...)
+        if isinstance(checkpoint.get(key), dict):
+            print(f"Take key {key} in provided checkpoint dict")
+            return checkpoint[key]
+    dict_keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
+    raise UserError(f"{path} has no key {checkpoint_key!r}: use --checkpoint_key with one of "
+                    f"{', '.join(dict_keys) or '(none: the file holds no weights)'}")
+
+
+def _timm_convert(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Run timm's own converter for `model`'s family (e.g. Meta DINOv3 keys to timm's Eva keys)."""
+    module = sys.modules.get(type(model).__module__)
+    convert = getattr(module, "checkpoint_filter_fn", None)
+    if convert is None:
+        return state_dict
+    if "storage_tokens" in state_dict and hasattr(model, "blocks") and not hasattr(model.blocks[0].attn, "q_bias"):
+        # timm drops qkv biases for models built without them (Meta's distilled ViTs have zero biases);
+        # silently dropping non-zero ones would change the features.
+        biases = [v for k, v in state_dict.items() if k.endswith("attn.qkv.bias")]
+        if any(b.float().abs().max() > 0 for b in biases):
+            raise UserError("this DINOv3 checkpoint has non-zero qkv biases, which the chosen timm model lacks: "
+                            "use the `_qkvb` variant of --arch (e.g. vit_small_patch16_dinov3_qkvb)")
+    return convert(state_dict, model)
+
+
+def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str] = "teacher",
+                            model_name: Optional[str] = None, patch_size: Optional[int] = None) -> None:
+    """Load backbone weights for evaluation, without ever downloading unless given a URL.
+
+    Reads our `main_dino.py`/`main_distill.py` checkpoints (`checkpoint_key` teacher or student), official
+    full checkpoints and backbone-only `*_pretrain.pth` files (`module.`/`backbone.` prefixes stripped,
+    projection-head weights ignored), torchvision and timm state_dicts, and Meta's DINOv3 files (through
+    timm's converter). Missing weights or shapes that do not match stop with one message; unexpected
+    extra weights are listed. No `pretrained_weights`: random weights, with a loud warning.
+    """
+    if not pretrained_weights:
+        name = f"{model_name or type(model).__name__}" + (f" (patch size {patch_size})" if patch_size else "")
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: no --pretrained_weights given: evaluating a RANDOMLY INITIALISED {name}.\n"
+              "Nothing is downloaded. Pass the path of a checkpoint (ours, official DINO, torchvision, timm or "
+              f"Meta DINOv3) to evaluate trained weights.\n{bar}")
+        return
+    path = pretrained_weights
+    if path.startswith(("http://", "https://")):  # only when the user asks for it, explicitly
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path.split("?")[0]))
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(pretrained_weights, path)
+    state_dict = select_state_dict(load_checkpoint(path), checkpoint_key, path)
+    # official conventions: DDP `module.` and MultiCropWrapper `backbone.` prefixes
+    state_dict = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    state_dict = {k.replace("backbone.", "", 1) if k.startswith("backbone.") else k: v for k, v in state_dict.items()}
+    model_state = model.state_dict()
+    if type(model).__module__.startswith("timm.") and any(k not in model_state for k in state_dict):
+        state_dict = _timm_convert(state_dict, model)
+    # the DINO projection head (and classifiers replaced by Identity) are not part of the backbone
+    ignored = sorted(k for k in state_dict if k not in model_state and k.split(".")[0] in ("head", "fc", "classifier"))
+    state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
+    missing = [k for k in model_state if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_state]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+                  for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape]
+
+    def listing(keys: List[str]) -> str:
+        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    if missing or mismatched:
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} with other shapes ({listing(mismatched)})")
+        if missing:
+            problems.append(f"{len(missing)} missing ({listing(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} not in the model ({listing(unexpected)})")
+        raise UserError(f"{path} does not fit {model_name or type(model).__name__}: of its weights, "
+                        f"{'; '.join(problems)}. Check --arch, --patch_size and --checkpoint_key against the "
+                        "run that wrote it")
+    model.load_state_dict(state_dict, strict=False)
+    message = f"Pretrained weights found at {path} and loaded: {len(state_dict) - len(unexpected)} tensors"
+    if ignored:
+        message += f"; ignored {len(ignored)} projection-head/classifier tensors"
+    print(message)
+    if unexpected:
+        print(f"WARNING: {len(unexpected)} weights of {path} are not used by the model: {listing(unexpected)}")
+
+
 def check_output_dir(path: str) -> None:
     """Create `path` and check that it is writable, before any training starts."""
     try:

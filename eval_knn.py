@@ -1,0 +1,274 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+# Flags and the weighted k-NN vote follow facebookresearch/dino's eval_knn.py (Apache 2.0).
+"""Weighted k-NN classification on frozen features (Wu et al. 2018, as in DINO).
+
+    python eval_knn.py --pretrained_weights runs/dino/checkpoint.pth --checkpoint_key teacher \
+        --arch vit_small --patch_size 16 --data_path /path/to/imagenet
+
+`--data_path` holds `train/` and `val/` ImageFolder trees. Runs on CPU, one GPU or under torchrun
+(every rank extracts its share of the features; they are gathered in dataset order). The same
+functions serve the online k-NN of `main_dino.py`.
+"""
+import argparse
+import os
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import utils
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', add_help=False)
+    parser.add_argument('--batch_size_per_gpu', default=128, type=int, help='Per-GPU batch-size')
+    parser.add_argument('--nb_knn', default=[10, 20, 100, 200], nargs='+', type=int,
+                        help='Number of NN to use. 20 is usually working the best.')
+    parser.add_argument('--temperature', default=0.07, type=float,
+                        help='Temperature used in the voting coefficient')
+    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to
+        evaluate (a checkpoint of main_dino.py/main_distill.py, an official DINO checkpoint, a torchvision, timm
+        or Meta DINOv3 state_dict). Empty: random weights (never a download).""")
+    parser.add_argument('--use_cuda', default=True, type=utils.bool_flag,
+                        help="Should we store the features on GPU? We recommend setting this to False if you encounter OOM")
+    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_tiny/small/base/large
+        (deit_* aliases), a torchvision model (resnet50) or any timm model name (vit_small_patch16_dinov3).""")
+    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key to use in the checkpoint (example: "teacher")')
+    parser.add_argument('--dump_features', default=None,
+                        help='Path where to save computed features, empty for no saving')
+    parser.add_argument('--load_features', default=None, help="""If the features have
+        already been computed, where to find them.""")
+    parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize
+        (256 for ImageNet-size images; e.g. 32 for CIFAR at 32 px).""")
+    parser.add_argument('--crop_size', default=224, type=int, help='Side of the center crop that is evaluated.')
+    parser.add_argument('--seed', default=0, type=int, help="""Seed of the random initialisation when no
+        --pretrained_weights are given (so that the random baseline is reproducible).""")
+    parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per GPU.')
+    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
+        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
+    parser.add_argument('--dist_timeout', default=30, type=float,
+                        help='Minutes a process waits for the others before giving up.')
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Please ignore and do not set this argument.")
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
+                        help='Folder with train/ and val/ ImageFolder trees (or "synthetic").')
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------------
+def build_eval_model(arch: str, patch_size: int, pretrained_weights: str, checkpoint_key: Optional[str],
+                     device: torch.device) -> nn.Module:
+    """The frozen backbone to evaluate, in eval mode on `device`."""
+    model, _ = utils.build_backbone(arch, patch_size)
+    utils.load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
+    model.eval().requires_grad_(False)
+    print(f"Model {arch} {patch_size}x{patch_size} built.")
+    return model.to(device)
+
+
+def split_datasets(data_path: str, resize_size: int, crop_size: int) -> Tuple[data.EvalDataset, data.EvalDataset]:
+    """The `train` and `val` splits of `data_path` with the evaluation transform."""
+    transform = data.eval_transform(resize_size, crop_size)
+    if data_path == "synthetic" or data_path.startswith("synthetic:"):
+        bases = [data.build_dataset(data_path, split) for split in ("train", "val")]
+    else:
+        bases = []
+        for split in ("train", "val"):
+            folder = os.path.join(data_path, split)
+            if not os.path.isdir(folder):
+                raise utils.UserError(f"--data_path {data_path} has no {split}/ folder: give a folder with train/ "
+                                      "and val/ ImageFolder trees")
+            bases.append(data.build_dataset(folder))
+    if bases[0].classes != bases[1].classes:
+        raise utils.UserError(f"train/ and val/ of {data_path} do not have the same class folders "
+                              f"({len(bases[0].classes)} vs {len(bases[1].classes)})")
+    return data.EvalDataset(bases[0], transform), data.EvalDataset(bases[1], transform)
+
+
+def gather_in_order(local: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Rows of all ranks in dataset order. Rank r holds rows r, r + W, ... of the evenly padded order of a
+    non-shuffling DistributedSampler; the padding (repeated first samples) is dropped."""
+    if not utils.is_dist_avail_and_initialized() or dist.get_world_size() == 1:
+        return local[:num_samples]
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).flatten(0, 1)[:num_samples]
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, data_loader, device: torch.device, use_cuda: bool = True,
+                     header: str = "Features", print_freq: int = 10,
+                     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, List[str]]:
+    """Features (`forward(images)`, by default `model(images)`) of every image of `data_loader.dataset`,
+    in dataset order, on every rank.
+
+    Returns `(features [N, D] float32, errors)`; `errors` names the images that could not be read (their
+    rows are zero; see `drop_unreadable`). Features stay on `device` when `use_cuda`, else on the CPU.
+    """
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    local, errors = [], []
+    for samples, _, bad in metric_logger.log_every(data_loader, print_freq, header):
+        samples = samples.to(device, non_blocking=True)
+        feats = (forward or model)(samples).float()
+        local.append(feats if use_cuda else feats.cpu())
+        errors += [b for b in bad if b]
+    local = torch.cat(local)
+    comm_device = device if utils.is_dist_avail_and_initialized() and dist.get_backend() == "nccl" else "cpu"
+    features = gather_in_order(local.to(comm_device), len(data_loader.dataset))
+    if utils.is_dist_avail_and_initialized() and dist.get_world_size() > 1:
+        all_errors: List[List[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(all_errors, errors)
+        errors = sorted({e for rank_errors in all_errors for e in rank_errors})
+    return features.to(device if use_cuda else "cpu"), errors
+
+
+def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, dataset: data.EvalDataset,
+                    errors: Sequence[str], split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Leave out the images that could not be read, naming each one."""
+    if not errors:
+        return features, labels
+    bad_paths = {e.split(": ", 1)[0] for e in errors}
+    for e in errors:
+        print(f"WARNING: unreadable {split} image left out of the evaluation: {e}")
+    keep = torch.tensor([path not in bad_paths for path, _ in dataset.samples], device=features.device)
+    return features[keep], labels[keep.to(labels.device)]
+
+
+def compute_features(model: nn.Module, dataset_train: data.EvalDataset, dataset_val: data.EvalDataset,
+                     batch_size: int, num_workers: int, device: torch.device, use_cuda: bool = True):
+    """L2-normalised train and val features and their labels, in dataset order, unreadable images left out."""
+    rank, world = utils.get_rank(), utils.get_world_size()
+    out = []
+    for split, dataset in (("train", dataset_train), ("val", dataset_val)):
+        loader = data.build_eval_loader(dataset, batch_size, num_workers, rank, world,
+                                        pin_memory=device.type == "cuda")
+        print(f"Extracting features for {split} set ({len(dataset)} images)...")
+        features, errors = extract_features(model, loader, device, use_cuda, header=f"Features ({split})")
+        features = nn.functional.normalize(features, dim=1, p=2)
+        labels = torch.tensor(dataset.targets, dtype=torch.long, device=features.device)
+        out += drop_unreadable(features, labels, dataset, errors, split)
+    return tuple(out)  # train_features, train_labels, test_features, test_labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                   test_labels: torch.Tensor, k: int, T: float, num_classes: int = 1000,
+                   imgs_per_chunk: int = 128) -> Tuple[float, float]:
+    """Weighted k-NN vote (weights exp(cosine / T)) of the k nearest training features; (top1, top5) in %.
+
+    The official vote, for test sets of any size (the official loop divides the test set into 100 chunks
+    and fails below 100 images), k larger than the training set, and fewer than 5 classes.
+    """
+    if test_labels.numel() == 0:
+        raise utils.UserError("k-NN evaluation needs at least one test image")
+    if train_labels.numel() == 0:
+        raise utils.UserError("k-NN evaluation needs at least one training image")
+    num_classes = max(num_classes, int(train_labels.max()) + 1, int(test_labels.max()) + 1)
+    k = min(k, train_features.shape[0])
+    train_features_t = train_features.t()
+    train_labels = train_labels.to(train_features.device)
+    top1, top5, total = 0.0, 0.0, 0
+    for idx in range(0, test_labels.shape[0], imgs_per_chunk):
+        features = test_features[idx:idx + imgs_per_chunk].to(train_features.device)
+        targets = test_labels[idx:idx + imgs_per_chunk].to(train_features.device)
+        batch_size = targets.shape[0]
+        similarity = torch.mm(features, train_features_t)
+        distances, indices = similarity.topk(k, largest=True, sorted=True)
+        retrieved_neighbors = train_labels[indices]  # [B, k]
+        weights = distances.div(T).exp_()
+        probs = torch.zeros(batch_size, num_classes, device=weights.device, dtype=weights.dtype)
+        probs.scatter_add_(1, retrieved_neighbors, weights)
+        _, predictions = probs.sort(1, True)
+        correct = predictions.eq(targets.view(-1, 1))
+        top1 += correct.narrow(1, 0, 1).sum().item()
+        top5 += correct.narrow(1, 0, min(5, k, num_classes)).sum().item()  # top5 does not make sense if k < 5
+        total += batch_size
+    return top1 * 100.0 / total, top5 * 100.0 / total
+
+
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+             test_labels: torch.Tensor, k: int = 20, T: float = 0.07) -> Tuple[float, float]:
+    """(top1, top5) of the k-NN classifier with as many classes as the labels use."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature files (the official names)
+# ----------------------------------------------------------------------------------------------------
+FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
+
+
+def dump_features(folder: str, tensors: Sequence[torch.Tensor]) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for name, tensor in zip(FEATURE_FILES, tensors):
+        utils.save_checkpoint(tensor.cpu(), os.path.join(folder, name))
+    print(f"Features written to {folder} ({', '.join(FEATURE_FILES)})")
+
+
+def load_features(folder: str) -> List[torch.Tensor]:
+    missing = [n for n in FEATURE_FILES if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise utils.UserError(f"--load_features {folder} lacks {', '.join(missing)}: give the folder written by "
+                              "--dump_features")
+    tensors = [utils.load_checkpoint(os.path.join(folder, n)) for n in FEATURE_FILES]
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or tensors[0].shape[0] != tensors[2].shape[0] \
+            or tensors[1].shape[0] != tensors[3].shape[0] or tensors[0].shape[1] != tensors[1].shape[1]:
+        raise utils.UserError(f"the feature files in {folder} do not belong together (shapes "
+                              f"{[tuple(getattr(t, 'shape', ())) for t in tensors]})")
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Script
+# ----------------------------------------------------------------------------------------------------
+def eval_knn(args: argparse.Namespace) -> List[Tuple[int, float, float]]:
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    print("git:\n  {}\n".format(utils.get_sha()))
+    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    if min(args.nb_knn) < 1 or args.temperature <= 0:
+        raise utils.UserError("--nb_knn values must be at least 1 and --temperature positive")
+    if args.load_features:
+        train_features, test_features, train_labels, test_labels = load_features(args.load_features)
+    else:
+        dataset_train, dataset_val = split_datasets(args.data_path, args.resize_size, args.crop_size)
+        print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
+        model = build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
+                                 args.device)
+        start = time.time()
+        train_features, train_labels, test_features, test_labels = compute_features(
+            model, dataset_train, dataset_val, args.batch_size_per_gpu, args.num_workers, args.device,
+            use_cuda=args.use_cuda)
+        print(f"Features extracted in {time.time() - start:.1f} s")
+        if args.dump_features and utils.is_main_process():
+            dump_features(args.dump_features, (train_features, test_features, train_labels, test_labels))
+
+    results = []
+    if utils.is_main_process():
+        device = args.device if args.use_cuda else torch.device("cpu")
+        train_features, test_features = train_features.to(device), test_features.to(device)
+        train_labels, test_labels = train_labels.to(device), test_labels.to(device)
+        print("Features are ready!\nStart the k-NN classification.")
+        for k in args.nb_knn:
+            top1, top5 = knn_accuracy(train_features, train_labels, test_features, test_labels, k, args.temperature)
+            print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
+            results.append((k, top1, top5))
+    if utils.is_dist_avail_and_initialized():
+        dist.barrier()
+    return results
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
+    utils.run_script(eval_knn, parser.parse_args())
