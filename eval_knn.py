@@ -79,13 +79,11 @@ def split_datasets(data_path: str, resize_size: int, crop_size: int) -> Tuple[da
     if data_path == "synthetic" or data_path.startswith("synthetic:"):
         bases = [data.build_dataset(data_path, split) for split in ("train", "val")]
     else:
-        bases = []
         for split in ("train", "val"):
-            folder = os.path.join(data_path, split)
-            if not os.path.isdir(folder):
+            if not os.path.isdir(os.path.join(data_path, split)):
                 raise utils.UserError(f"--data_path {data_path} has no {split}/ folder: give a folder with train/ "
                                       "and val/ ImageFolder trees")
-            bases.append(data.build_dataset(folder))
+        bases = [data.build_dataset(os.path.join(data_path, split)) for split in ("train", "val")]
     if bases[0].classes != bases[1].classes:
         raise utils.UserError(f"train/ and val/ of {data_path} do not have the same class folders "
                               f"({len(bases[0].classes)} vs {len(bases[1].classes)})")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
+import eval_knn
 import utils
 import vision_transformer as vits
 from losses import DINOLoss
@@ -114,6 +115,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
+    parser.add_argument('--knn_data_path', default='', type=str, help="""Online k-NN: a folder with train/ and
+        val/ ImageFolder trees (a subset is fine), or "synthetic". The teacher backbone's 20-NN accuracy is
+        logged as knn_top1/knn_top5 in log.txt. Empty: no online k-NN.""")
+    parser.add_argument('--knn_eval_freq', default=1, type=int, help="""Run the online k-NN every x epochs
+        (and after the last one).""")
+    parser.add_argument('--knn_resize_size', default=None, type=int, help="""Online k-NN: resize of the short
+        side (default: 256/224 of --knn_crop_size).""")
+    parser.add_argument('--knn_crop_size', default=None, type=int, help="""Online k-NN: center-crop size
+        (default: --global_crops_size).""")
     parser.add_argument('--num_workers', default=None, type=int,
                         help='Number of data loading workers per process (default: min(10, CPUs per process)).')
     parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
@@ -144,6 +154,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
                  "saveckp_freq", "lr", "min_lr", "clip_grad", "drop_path_rate"):
         require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
+    require(args.knn_eval_freq >= 1, f"--knn_eval_freq must be at least 1, got {args.knn_eval_freq}")
     require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")
     require(0 <= args.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
     require(0 <= args.max_bad_images_fraction <= 1, "--max_bad_images_fraction must be in [0, 1]")
@@ -197,6 +208,32 @@ def build_data(args: argparse.Namespace):
                                     args.world_size, pin_memory=args.device.type == "cuda",
                                     low_priority_workers=args.device.type == "cpu")
     return dataset, data_loader
+
+
+def build_knn_data(args: argparse.Namespace):
+    """The train/val datasets of the online k-NN (None without --knn_data_path), checked before training."""
+    if not args.knn_data_path:
+        return None
+    crop = args.knn_crop_size or args.global_crops_size
+    resize = args.knn_resize_size or int(round(crop * 256 / 224))
+    train, val = eval_knn.split_datasets(args.knn_data_path, resize, crop)
+    print(f"Online k-NN every {args.knn_eval_freq} epoch(s) on {args.knn_data_path}: {len(train)} train and "
+          f"{len(val)} val images, resize {resize}, crop {crop}.")
+    return train, val
+
+
+def online_knn(backbone: nn.Module, knn_datasets, args: argparse.Namespace, autocast) -> Dict[str, float]:
+    """20-NN accuracy of the teacher backbone, with eval_knn.py's code; {knn_top1, knn_top5, knn_time}."""
+    start = time.time()
+    was_training = backbone.training
+    backbone.eval()  # batch norms use their running statistics, as in eval_knn.py
+    with autocast():
+        train_f, train_l, test_f, test_l = eval_knn.compute_features(
+            backbone, *knn_datasets, args.batch_size_per_gpu, args.num_workers, args.device)
+    backbone.train(was_training)
+    top1, top5 = eval_knn.knn_accuracy(train_f.float(), train_l, test_f.float(), test_l, k=20, T=0.07)
+    print(f"Online 20-NN of the teacher: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({time.time() - start:.0f} s)")
+    return {"knn_top1": top1, "knn_top5": top5, "knn_time": time.time() - start}
 
 
 def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
@@ -293,6 +330,7 @@ def train_dino(args: argparse.Namespace) -> None:
     print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
           f"{niter_per_ep} optimizer steps per epoch.")
 
+    knn_datasets = build_knn_data(args)
     run = build_training(args, niter_per_ep)
     student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
     distributed = args.world_size > 1
@@ -337,6 +375,8 @@ def train_dino(args: argparse.Namespace) -> None:
 
         # ============ writing logs ... ============
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if knn_datasets and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
+            log_stats.update(online_knn(run.teacher_without_ddp.backbone, knn_datasets, args, run.autocast))
         log_history.append(log_stats)
         rng_states = [utils.get_rng_state()]
         if distributed:
@@ -360,14 +400,15 @@ def train_dino(args: argparse.Namespace) -> None:
         if utils.is_main_process():
             with open(log_path, "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+            utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
     total_time = time.time() - start_time
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
     if utils.is_main_process():
-        plot = utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
+        plot = os.path.join(args.output_dir, "training_curves.png")
         print(f"Log (one JSON line per epoch): {log_path}")
         print(f"Checkpoint: {checkpoint_path}")
-        if plot:
-            print(f"Training curves: {plot}")
+        if os.path.isfile(plot):
+            print(f"Training curves: {plot} (several runs: python plot_curves.py RUN_DIR ...)")
 
 
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
@@ -448,6 +489,7 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
 
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        metric_logger.update(teacher_momentum=m, teacher_temp=dino_loss.teacher_temp(epoch))
     check_finite(loss, epoch, it_local, args, all_finite)
 
     # gather the stats from all processes

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict, deque
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -388,7 +389,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # files written with pickle.dump rather than torch.save: the refusal below says all there is to say
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is long and styled; keep the line that names the refused object.
@@ -716,11 +719,54 @@ def write_json_lines(path: str, records: Sequence[Dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def plot_training_curves(log_path: str, out_png: str) -> Optional[str]:
-    """Plot every numeric key of a log.txt (one JSON object per epoch) against the epoch into a PNG.
+# The curves a DINO researcher looks at first, in this order; other numeric keys follow.
+CURVE_KEYS = ("train_loss", "knn_top1", "train_lr", "train_wd", "train_teacher_momentum", "train_teacher_temp")
+CURVE_SKIP = ("epoch", "bad_images", "train_bad_images")
 
-    Returns the PNG path, or None when matplotlib is not installed.
+
+def read_log(path: str) -> List[Dict[str, Any]]:
+    """The records of a log.txt (one JSON object per line); `path` may be the run's output folder.
+    A line cut short by a crash is skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "log.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: give a run's output folder or its log.txt")
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Plot the numeric keys of one or several runs' log.txt against the epoch into one PNG.
+
+    `log_paths`: a log.txt, an output folder, or a list of them (one line per run in every panel).
+    Loss, k-NN accuracy, learning rate, weight decay, teacher momentum and temperature come first.
+    Returns the PNG path, or None when there is nothing to plot or matplotlib is not installed.
     """
+    if isinstance(log_paths, str):
+        log_paths = [log_paths]
+    runs = [read_log(p) for p in log_paths]
+    if labels is None:
+        labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) if p.endswith(".txt")
+                  else os.path.basename(os.path.abspath(p)) for p in log_paths]
+    keys = []
+    for records in runs:
+        for record in records:
+            keys += [k for k, v in record.items() if _is_number(v) and k not in CURVE_SKIP and k not in keys]
+    keys = [k for k in CURVE_KEYS if k in keys] + [k for k in keys if k not in CURVE_KEYS]
+    if not keys:
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -728,25 +774,24 @@ def plot_training_curves(log_path: str, out_png: str) -> Optional[str]:
     except ImportError:
         print("matplotlib is not installed: no training-curve plot (pip install matplotlib)")
         return None
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if not records:
-        return None
-    keys = [k for k in records[-1] if k != "epoch" and isinstance(records[-1][k], (int, float))]
-    if not keys:
-        return None
     ncols = min(3, len(keys))
     nrows = (len(keys) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
-    epochs = [r.get("epoch", i) for i, r in enumerate(records)]
     for ax, key in zip(axes.flat, keys):
-        ax.plot(epochs, [r.get(key, float("nan")) for r in records], marker="o", markersize=3)
+        for records, label in zip(runs, labels):
+            points = [(r.get("epoch", i), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    tmp = f"{out_png}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, out_png)  # a viewer refreshing the file never sees half of it
     return out_png
