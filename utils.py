@@ -337,10 +337,12 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
     import timm
     if timm.is_model(arch):
         # dynamic_img_size lets timm ViTs take the local crops; drop_path_rate where the model has one.
+        # Meta's DINOv3 models output the normalised CLS token; timm's ports default to average pooling.
+        pool = {"global_pool": "token"} if "dinov3" in arch else {}
         for extra in ({"drop_path_rate": drop_path_rate, "dynamic_img_size": True},
                       {"drop_path_rate": drop_path_rate}, {}):
             try:
-                model = timm.create_model(arch, pretrained=False, num_classes=0, **extra)
+                model = timm.create_model(arch, pretrained=False, num_classes=0, **pool, **extra)
                 break
             except TypeError:
                 continue
@@ -489,13 +491,19 @@ def _timm_convert(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict
     convert = getattr(module, "checkpoint_filter_fn", None)
     if convert is None:
         return state_dict
-    if "storage_tokens" in state_dict and hasattr(model, "blocks") and not hasattr(model.blocks[0].attn, "q_bias"):
+    blocks = getattr(model, "blocks", None)
+    # timm's EvaAttention always has a `q_bias` attribute: None when the model has no qkv bias
+    if "storage_tokens" in state_dict and blocks is not None and getattr(blocks[0].attn, "q_bias", None) is None:
         # timm drops qkv biases for models built without them (Meta's distilled ViTs have zero biases);
-        # silently dropping non-zero ones would change the features.
-        biases = [v for k, v in state_dict.items() if k.endswith("attn.qkv.bias")]
+        # silently dropping non-zero ones would change the features. Meta never uses the k third
+        # (`bias_mask` is 0 there), so only the q and v biases count.
+        biases = [v * state_dict[k + "_mask"] if k + "_mask" in state_dict else v
+                  for k, v in state_dict.items() if k.endswith("attn.qkv.bias")]
         if any(b.float().abs().max() > 0 for b in biases):
             raise UserError("this DINOv3 checkpoint has non-zero qkv biases, which the chosen timm model lacks: "
                             "use the `_qkvb` variant of --arch (e.g. vit_small_patch16_dinov3_qkvb)")
+        # zero: drop them here (timm would print "`q_bias` is not an nn.Parameter" once per block)
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("attn.qkv.bias")}
     return convert(state_dict, model)
 
 
