@@ -507,6 +507,17 @@ def _timm_convert(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict
     return convert(state_dict, model)
 
 
+def local_weights_path(path_or_url: str) -> str:
+    """A local path for `path_or_url`: an http(s) URL is downloaded once into torch.hub's cache."""
+    if not path_or_url.startswith(("http://", "https://")):
+        return path_or_url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path_or_url.split("?")[0]))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(path_or_url, path)
+    return path
+
+
 def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str] = "teacher",
                             model_name: Optional[str] = None, patch_size: Optional[int] = None) -> None:
     """Load backbone weights for evaluation, without ever downloading unless given a URL.
@@ -524,12 +535,7 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
               "Nothing is downloaded. Pass the path of a checkpoint (ours, official DINO, torchvision, timm or "
               f"Meta DINOv3) to evaluate trained weights.\n{bar}")
         return
-    path = pretrained_weights
-    if path.startswith(("http://", "https://")):  # only when the user asks for it, explicitly
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path.split("?")[0]))
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(pretrained_weights, path)
+    path = local_weights_path(pretrained_weights)  # only a URL the user gave explicitly is downloaded
     state_dict = select_state_dict(load_checkpoint(path), checkpoint_key, path)
     # official conventions: DDP `module.` and MultiCropWrapper `backbone.` prefixes
     state_dict = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state_dict.items()}
