@@ -49,12 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', default=0, type=int, help="""Seed of the random initialisation when no
         --pretrained_weights are given (so that the random baseline is reproducible).""")
     parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per GPU.')
-    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
-        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
-    parser.add_argument('--dist_timeout', default=30, type=float,
-                        help='Minutes a process waits for the others before giving up.')
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Please ignore and do not set this argument.")
+    utils.add_distributed_args(parser)
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
                         help='Folder with train/ and val/ ImageFolder trees (or "synthetic").')
     return parser

@@ -70,12 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         --lr, for a batch of 256) trained side by side in one pass over the frozen features, one linear head each;
         every head's accuracy is reported and the best head is kept. Default: just --lr.""")
     parser.add_argument('--batch_size_per_gpu', default=128, type=int, help='Per-GPU batch-size')
-    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
-        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
-    parser.add_argument('--dist_timeout', default=30, type=float,
-                        help='Minutes a process waits for the others before giving up.')
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Please ignore and do not set this argument.")
+    utils.add_distributed_args(parser)
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
                         help='Folder with train/ and val/ ImageFolder trees (or "synthetic").')
     parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize of the

@@ -129,12 +129,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
         skipped and reported; the run stops when more than this fraction of the dataset is unreadable.""")
     parser.add_argument('--print_freq', default=10, type=int, help='Print progress every x iterations.')
-    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
-        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
-    parser.add_argument('--dist_timeout', default=30, type=float,
-                        help='Minutes a collective may wait for the other processes before failing.')
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Ignored: set by older launchers; the local rank comes from the environment.")
+    utils.add_distributed_args(parser)
     return parser
 
 

@@ -109,6 +109,16 @@ def first_slurm_host(nodelist: str) -> str:
     return first
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """The distributed flags every script takes (official names)."""
+    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
+        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
+    parser.add_argument('--dist_timeout', default=30, type=float,
+                        help='Minutes a collective may wait for the other processes before failing.')
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored: set by older launchers; the local rank comes from the environment.")
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Set args.rank, args.world_size, args.gpu (local rank) and args.device; start a process group if needed.
 
