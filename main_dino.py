@@ -403,7 +403,8 @@ def train_dino(args: argparse.Namespace) -> None:
         print(f"Log (one JSON line per epoch): {log_path}")
         print(f"Checkpoint: {checkpoint_path}")
         if os.path.isfile(plot):
-            print(f"Training curves: {plot} (several runs: python plot_curves.py RUN_DIR ...)")
+            print(f"Training curves: {plot}")
+            print("Compare runs with: python plot_curves.py RUN_DIR [RUN_DIR ...]")
 
 
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,

@@ -48,5 +48,7 @@ def test_quickstart_trains_and_reports_its_outputs(tmp_path):
         path = proc.stdout.split(line, 1)[1].split("\n", 1)[0].strip()
         assert (tmp_path / "quickstart" / path.rsplit("/", 1)[-1]).is_file(), line
     with open(tmp_path / "quickstart" / "log.txt") as f:
-        losses = [json.loads(line)["train_loss"] for line in f]
+        records = [json.loads(line) for line in f]
+    losses = [r["train_loss"] for r in records]
     assert losses[-1] < losses[0], f"the quickstart did not learn: {losses}"
+    assert all(0 <= r["knn_top1"] <= 100 for r in records)  # the online k-NN ran every epoch
