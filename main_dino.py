@@ -10,21 +10,16 @@ Restarting the same command resumes from `output_dir/checkpoint.pth`.
 """
 import argparse
 import contextlib
-import datetime
-import json
-import math
 import os
-import time
 from types import SimpleNamespace
 from typing import Dict, Optional
 
 import torch
 import torch.backends.cudnn as cudnn
-import torch.distributed as dist
 import torch.nn as nn
 
 import data
-import eval_knn
+import engine
 import utils
 import vision_transformer as vits
 from losses import DINOLoss
@@ -115,15 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
-    parser.add_argument('--knn_data_path', default='', type=str, help="""Online k-NN: a folder with train/ and
-        val/ ImageFolder trees (a subset is fine), or "synthetic". The teacher backbone's 20-NN accuracy is
-        logged as knn_top1/knn_top5 in log.txt. Empty: no online k-NN.""")
-    parser.add_argument('--knn_eval_freq', default=1, type=int, help="""Run the online k-NN every x epochs
-        (and after the last one).""")
-    parser.add_argument('--knn_resize_size', default=None, type=int, help="""Online k-NN: resize of the short
-        side (default: 256/224 of --knn_crop_size).""")
-    parser.add_argument('--knn_crop_size', default=None, type=int, help="""Online k-NN: center-crop size
-        (default: --global_crops_size).""")
+    engine.add_knn_args(parser)
     parser.add_argument('--num_workers', default=None, type=int,
                         help='Number of data loading workers per process (default: min(10, CPUs per process)).')
     parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
@@ -178,22 +165,6 @@ def precision_setup(args: argparse.Namespace):
         f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
 
 
-def ddp_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """State dict with the `module.` prefix of a DDP-wrapped model, wrapped or not (official key format)."""
-    state = model.state_dict()
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return state
-    return {"module." + k: v for k, v in state.items()}
-
-
-def plain_args(args: argparse.Namespace) -> Dict:
-    """The flags as a plain dict (weights_only-loadable)."""
-    out = {}
-    for k, v in vars(args).items():
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
-    return out
-
-
 def build_data(args: argparse.Namespace):
     """The multi-crop dataset and its loader (seeded per sample, sharded over processes)."""
     transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -203,32 +174,6 @@ def build_data(args: argparse.Namespace):
                                     args.world_size, pin_memory=args.device.type == "cuda",
                                     low_priority_workers=args.device.type == "cpu")
     return dataset, data_loader
-
-
-def build_knn_data(args: argparse.Namespace):
-    """The train/val datasets of the online k-NN (None without --knn_data_path), checked before training."""
-    if not args.knn_data_path:
-        return None
-    crop = args.knn_crop_size or args.global_crops_size
-    resize = args.knn_resize_size or int(round(crop * 256 / 224))
-    train, val = eval_knn.split_datasets(args.knn_data_path, resize, crop)
-    print(f"Online k-NN every {args.knn_eval_freq} epoch(s) on {args.knn_data_path}: {len(train)} train and "
-          f"{len(val)} val images, resize {resize}, crop {crop}.")
-    return train, val
-
-
-def online_knn(backbone: nn.Module, knn_datasets, args: argparse.Namespace, autocast) -> Dict[str, float]:
-    """20-NN accuracy of the teacher backbone, with eval_knn.py's code; {knn_top1, knn_top5, knn_time}."""
-    start = time.time()
-    was_training = backbone.training
-    backbone.eval()  # batch norms use their running statistics, as in eval_knn.py
-    with autocast():
-        train_f, train_l, test_f, test_l = eval_knn.compute_features(
-            backbone, *knn_datasets, args.batch_size_per_gpu, args.num_workers, args.device)
-    backbone.train(was_training)
-    top1, top5 = eval_knn.knn_accuracy(train_f.float(), train_l, test_f.float(), test_l, k=20, T=0.07)
-    print(f"Online 20-NN of the teacher: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({time.time() - start:.0f} s)")
-    return {"knn_top1": top1, "knn_top5": top5, "knn_time": time.time() - start}
 
 
 def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
@@ -325,198 +270,50 @@ def train_dino(args: argparse.Namespace) -> None:
     print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
           f"{niter_per_ep} optimizer steps per epoch.")
 
-    knn_datasets = build_knn_data(args)
+    knn_datasets = engine.build_knn_data(args)
     run = build_training(args, niter_per_ep)
     student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
-    distributed = args.world_size > 1
-
-    # ============ optionally resume training ... ============
-    to_restore = {"epoch": 0, "log_history": []}
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    checkpoint = utils.restart_from_checkpoint(
-        checkpoint_path,
-        run_variables=to_restore,
-        student=student,
-        teacher=teacher,
-        optimizer=optimizer,
-        fp16_scaler=run.fp16_scaler,
-        dino_loss=dino_loss,
-    )
-    start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
-    log_path = os.path.join(args.output_dir, "log.txt")
-    if checkpoint is not None:
-        rng_states = checkpoint.get("rng_states") or []
-        if len(rng_states) == args.world_size:
-            utils.set_rng_state(rng_states[args.rank])
-        if utils.is_main_process() and "log_history" in checkpoint:
-            # log.txt holds exactly the epochs the checkpoint holds: none lost, none repeated.
-            utils.write_json_lines(log_path, log_history)
-        del checkpoint
-    elif utils.is_main_process() and os.path.exists(log_path):
-        # A log without a checkpoint belongs to another run: keep it aside rather than append to it.
-        os.replace(log_path, log_path + ".old")
-        print(f"No checkpoint in {args.output_dir}: starting from scratch; the previous log.txt is now log.txt.old")
-
     bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
-    start_time = time.time()
+    step, after_step = dino_step(student, teacher, run.teacher_without_ddp, dino_loss, run.momentum_schedule)
     print("Starting DINO training !")
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-
-        # ============ training one epoch of DINO ... ============
-        train_stats = train_one_epoch(student, teacher, run.teacher_without_ddp, dino_loss, data_loader, optimizer,
-                                      run.lr_schedule, run.wd_schedule, run.momentum_schedule, epoch,
-                                      run.fp16_scaler, args, autocast=run.autocast, bad_images=bad_images)
-
-        # ============ writing logs ... ============
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        if knn_datasets and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
-            log_stats.update(online_knn(run.teacher_without_ddp.backbone, knn_datasets, args, run.autocast))
-        log_history.append(log_stats)
-        rng_states = [utils.get_rng_state()]
-        if distributed:
-            rng_states = [None] * args.world_size
-            dist.all_gather_object(rng_states, utils.get_rng_state())
-        save_dict = {
-            'student': ddp_state_dict(student),
-            'teacher': teacher.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'epoch': epoch + 1,
-            'args': plain_args(args),
-            'dino_loss': dino_loss.state_dict(),
-            'rng_states': rng_states,
-            'log_history': log_history,
-        }
-        if run.fp16_scaler is not None:
-            save_dict['fp16_scaler'] = run.fp16_scaler.state_dict()
-        utils.save_on_master(save_dict, checkpoint_path)
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
-        if utils.is_main_process():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
-    if utils.is_main_process():
-        plot = os.path.join(args.output_dir, "training_curves.png")
-        print(f"Log (one JSON line per epoch): {log_path}")
-        print(f"Checkpoint: {checkpoint_path}")
-        if os.path.isfile(plot):
-            print(f"Training curves: {plot}")
-            print("Compare runs with: python plot_curves.py RUN_DIR [RUN_DIR ...]")
+    engine.fit(args, step=step, student=student, optimizer=optimizer, data_loader=data_loader,
+               lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule,
+               state={"teacher": teacher, "dino_loss": dino_loss}, autocast=run.autocast,
+               fp16_scaler=run.fp16_scaler, after_step=after_step, bad_images=bad_images,
+               knn_datasets=knn_datasets, knn_backbone=run.teacher_without_ddp.backbone, knn_who="teacher")
 
 
-def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
-                    wd_schedule, momentum_schedule, epoch, fp16_scaler, args, autocast=contextlib.nullcontext,
-                    bad_images: Optional[data.BadImageTracker] = None) -> Dict[str, float]:
-    """One epoch of DINO; returns the epoch averages (loss, lr, wd, images/s, ...)."""
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
-    accum = args.grad_accum_steps
-    niter_per_ep = len(data_loader) // accum
-    student_without_ddp = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
-    student_params = list(student_without_ddp.parameters())
+def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module, dino_loss: DINOLoss,
+              momentum_schedule):
+    """DINO's part of the shared loop: `step` (teacher on the 2 global crops, student on all, DINO loss) and
+    `after_step` (the teacher EMA)."""
+    student_params = list(engine.unwrap(student).parameters())
     teacher_params = list(teacher_without_ddp.parameters())
-    check_every_step = args.device.type == "cpu"  # reading the loss costs nothing there
-    all_finite = torch.ones((), dtype=torch.bool, device=args.device)
-    images_per_iter = args.batch_size_per_gpu * args.world_size
-    epoch_start, n_images = time.time(), 0
 
-    for it_local, (images, _, bad) in enumerate(metric_logger.log_every(
-            data_loader, args.print_freq, header, images_per_iter=images_per_iter)):
-        step_in_epoch, micro = divmod(it_local, accum)
-        if step_in_epoch >= niter_per_ep:
-            break  # the last incomplete accumulation
-        it = niter_per_ep * epoch + step_in_epoch  # global training iteration (optimizer steps)
-        if bad_images is not None and any(bad):
-            bad_images.update([b for b in bad if b])
-        if micro == 0:
-            for i, param_group in enumerate(optimizer.param_groups):
-                param_group["lr"] = float(lr_schedule[it])
-                if i == 0:  # only the first group is regularized
-                    param_group["weight_decay"] = float(wd_schedule[it])
+    def step(images, epoch: int, it: int):
+        with torch.no_grad():
+            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+        student_output = student(images)
+        return dino_loss(student_output, teacher_output, epoch), {"teacher_temp": dino_loss.teacher_temp(epoch)}
 
-        # move images to gpu
-        images = [im.to(args.device, non_blocking=True) for im in images]
-        last_micro = micro == accum - 1
-        # no gradient all-reduce until the last micro-batch of an accumulation
-        sync = contextlib.nullcontext() if last_micro or not hasattr(student, "no_sync") else student.no_sync()
-        with sync:
-            with autocast():
-                with torch.no_grad():
-                    teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
-                student_output = student(images)
-                loss = dino_loss(student_output, teacher_output, epoch)
-            if fp16_scaler is None:
-                (loss / accum).backward()
-            else:
-                fp16_scaler.scale(loss / accum).backward()
-        loss = loss.detach()
-        if check_every_step:
-            check_finite(loss, epoch, it_local, args)
-        else:
-            all_finite &= torch.isfinite(loss)
-            if it_local % args.print_freq == 0:
-                check_finite(loss, epoch, it_local, args, all_finite)
-        metric_logger.update(loss=loss)
-        n_images += images[0].shape[0]
-        if not last_micro:
-            continue
-
-        # student update
-        if fp16_scaler is not None and args.clip_grad:
-            fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
-        if args.clip_grad:
-            utils.clip_gradients(student, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        if fp16_scaler is None:
-            optimizer.step()
-        else:
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
+    def after_step(it: int):
         # EMA update for the teacher
         with torch.no_grad():
             m = float(momentum_schedule[it])  # momentum parameter
             torch._foreach_mul_(teacher_params, m)
             torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+        return {"teacher_momentum": m}
 
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
-        metric_logger.update(teacher_momentum=m, teacher_temp=dino_loss.teacher_temp(epoch))
-    check_finite(loss, epoch, it_local, args, all_finite)
-
-    # gather the stats from all processes
-    metric_logger.synchronize_between_processes()
-    epoch_time = time.time() - epoch_start
-    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    n_images_total = n_images * args.world_size
-    n_bad = bad_images.count if bad_images is not None else 0
-    if utils.is_dist_avail_and_initialized():
-        t = torch.tensor([n_bad], dtype=torch.float64, device=args.device)
-        dist.all_reduce(t)
-        n_bad = int(t.item())
-    stats.update(images_per_sec=n_images_total / epoch_time, epoch_time=epoch_time, bad_images=n_bad)
-    print("Averaged stats:", metric_logger)
-    return stats
+    return step, after_step
 
 
-def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
-    """Stop on a non-finite loss. On GPU the check is deferred (`all_finite` accumulates on the device) so
-    that no step waits for the host; then the bad iteration is only known to be at or before `it`."""
-    finite = bool(all_finite) if all_finite is not None else math.isfinite(loss.item())
-    if finite:
-        return
-    value = loss.item()
-    where = f"iteration {it}" if not math.isfinite(value) else f"an iteration up to {it}"
-    raise utils.UserError(
-        f"Loss is {value if not math.isfinite(value) else 'not finite'} at epoch {epoch}, {where}: stopping "
-        f"training. The last good checkpoint ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
-        "untouched and the run resumes from it. Try a lower --lr, a longer --warmup_epochs, fp32 "
-        "(--use_fp16 false), a larger --freeze_last_layer, gradient clipping (--clip_grad 0.3), or a lower "
-        "--teacher_temp.")
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
+                    wd_schedule, momentum_schedule, epoch, fp16_scaler, args, autocast=contextlib.nullcontext,
+                    bad_images: Optional[data.BadImageTracker] = None) -> Dict[str, float]:
+    """One epoch of DINO (the official signature); returns the epoch averages (loss, lr, wd, images/s, ...)."""
+    step, after_step = dino_step(student, teacher, teacher_without_ddp, dino_loss, momentum_schedule)
+    return engine.train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch, args,
+                                  fp16_scaler, autocast, bad_images, after_step)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,283 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+"""The training loop shared by main_dino.py and main_distill.py, so that both get the same resume, logs,
+checkpoints, mixed precision and checks from one piece of code.
+
+- `train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch, args, ...)`: the
+  optimizer steps of one epoch: schedules, gradient accumulation, mixed precision, clipping, the frozen last
+  layer, non-finite checks and metrics. What is specific to a method is `step(batch, epoch, it)`, the forward
+  pass and loss, returning `(loss, {name: value})`, and `after_step(it)` (the teacher EMA of DINO), returning
+  `{name: value}` to log.
+- `fit(args, ...)`: the run around it: resume, the epochs, log.txt, checkpoints, online k-NN and curves.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import eval_knn
+import utils
+
+StepFn = Callable[[Any, int, int], Tuple[torch.Tensor, Dict[str, Any]]]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested list/tuple) batch moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    return batch
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def ddp_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict with the `module.` prefix of a DDP-wrapped model, wrapped or not (official key format)."""
+    state = model.state_dict()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return state
+    return {"module." + k: v for k, v in state.items()}
+
+
+def plain_args(args: argparse.Namespace) -> Dict:
+    """The flags as a plain dict (weights_only-loadable)."""
+    out = {}
+    for k, v in vars(args).items():
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
+    return out
+
+
+def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
+    """Stop on a non-finite loss. On GPU the check is deferred (`all_finite` accumulates on the device) so
+    that no step waits for the host; then the bad iteration is only known to be at or before `it`."""
+    finite = bool(all_finite) if all_finite is not None else math.isfinite(loss.item())
+    if finite:
+        return
+    value = loss.item()
+    where = f"iteration {it}" if not math.isfinite(value) else f"an iteration up to {it}"
+    raise utils.UserError(
+        f"Loss is {value if not math.isfinite(value) else 'not finite'} at epoch {epoch}, {where}: stopping "
+        f"training. The last good checkpoint ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
+        "untouched and the run resumes from it. Try a lower --lr, a longer --warmup_epochs, fp32 "
+        "(--use_fp16 false), a larger --freeze_last_layer, gradient clipping (--clip_grad 0.3), or a lower "
+        "--teacher_temp.")
+
+
+def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Optimizer, data_loader,
+                    lr_schedule: Sequence[float], wd_schedule: Sequence[float], epoch: int, args,
+                    fp16_scaler: Optional[torch.amp.GradScaler] = None, autocast=contextlib.nullcontext,
+                    bad_images: Optional[data.BadImageTracker] = None,
+                    after_step: Optional[Callable[[int], Dict[str, Any]]] = None) -> Dict[str, float]:
+    """One epoch of optimizer steps on `student` (the trained module, DDP-wrapped or not); returns the epoch
+    averages of the loss, of what `step` and `after_step` return, of lr and wd, and images/s.
+
+    `data_loader` yields `(batch, labels, bad)`; `bad` holds one unreadable-image report per sample ("" if
+    none). `args` gives grad_accum_steps, clip_grad, freeze_last_layer, epochs, print_freq,
+    batch_size_per_gpu, world_size, device and output_dir.
+    """
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
+    accum = args.grad_accum_steps
+    niter_per_ep = len(data_loader) // accum
+    check_every_step = args.device.type == "cpu"  # reading the loss costs nothing there
+    all_finite = torch.ones((), dtype=torch.bool, device=args.device)
+    images_per_iter = args.batch_size_per_gpu * args.world_size
+    epoch_start, n_images = time.time(), 0
+
+    for it_local, (batch, _, bad) in enumerate(metric_logger.log_every(
+            data_loader, args.print_freq, header, images_per_iter=images_per_iter)):
+        step_in_epoch, micro = divmod(it_local, accum)
+        if step_in_epoch >= niter_per_ep:
+            break  # the last incomplete accumulation
+        it = niter_per_ep * epoch + step_in_epoch  # global training iteration (optimizer steps)
+        if bad_images is not None and any(bad):
+            bad_images.update([b for b in bad if b])
+        if micro == 0:
+            for i, param_group in enumerate(optimizer.param_groups):
+                param_group["lr"] = float(lr_schedule[it])
+                if i == 0:  # only the first group is regularized
+                    param_group["weight_decay"] = float(wd_schedule[it])
+
+        batch = to_device(batch, args.device)
+        last_micro = micro == accum - 1
+        # no gradient all-reduce until the last micro-batch of an accumulation
+        sync = contextlib.nullcontext() if last_micro or not hasattr(student, "no_sync") else student.no_sync()
+        with sync:
+            with autocast():
+                loss, terms = step(batch, epoch, it)
+            if fp16_scaler is None:
+                (loss / accum).backward()
+            else:
+                fp16_scaler.scale(loss / accum).backward()
+        loss = loss.detach()
+        if check_every_step:
+            check_finite(loss, epoch, it_local, args)
+        else:
+            all_finite &= torch.isfinite(loss)
+            if it_local % args.print_freq == 0:
+                check_finite(loss, epoch, it_local, args, all_finite)
+        metric_logger.update(loss=loss, **terms)
+        n_images += len(bad)
+        if not last_micro:
+            continue
+
+        # student update
+        if fp16_scaler is not None and args.clip_grad:
+            fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
+        if args.clip_grad:
+            utils.clip_gradients(student, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        if fp16_scaler is None:
+            optimizer.step()
+        else:
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            metric_logger.update(**after_step(it))
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+    check_finite(loss, epoch, it_local, args, all_finite)
+
+    # gather the stats from all processes
+    metric_logger.synchronize_between_processes()
+    epoch_time = time.time() - epoch_start
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    n_images_total = n_images * args.world_size
+    n_bad = bad_images.count if bad_images is not None else 0
+    if utils.is_dist_avail_and_initialized():
+        t = torch.tensor([n_bad], dtype=torch.float64, device=args.device)
+        dist.all_reduce(t)
+        n_bad = int(t.item())
+    stats.update(images_per_sec=n_images_total / epoch_time, epoch_time=epoch_time, bad_images=n_bad)
+    print("Averaged stats:", metric_logger)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online k-NN
+# ----------------------------------------------------------------------------------------------------
+def add_knn_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--knn_data_path', default='', type=str, help="""Online k-NN: a folder with train/ and
+        val/ ImageFolder trees (a subset is fine), or "synthetic". The 20-NN accuracy of the evaluated backbone
+        (DINO: the teacher; distillation: the student) is logged as knn_top1/knn_top5 in log.txt. Empty: none.""")
+    parser.add_argument('--knn_eval_freq', default=1, type=int, help="""Run the online k-NN every x epochs
+        (and after the last one).""")
+    parser.add_argument('--knn_resize_size', default=None, type=int, help="""Online k-NN: resize of the short
+        side (default: 256/224 of --knn_crop_size).""")
+    parser.add_argument('--knn_crop_size', default=None, type=int, help="""Online k-NN: center-crop size
+        (default: --global_crops_size).""")
+
+
+def build_knn_data(args: argparse.Namespace):
+    """The train/val datasets of the online k-NN (None without --knn_data_path), checked before training."""
+    if not args.knn_data_path:
+        return None
+    crop = args.knn_crop_size or args.global_crops_size
+    resize = args.knn_resize_size or int(round(crop * 256 / 224))
+    train, val = eval_knn.split_datasets(args.knn_data_path, resize, crop)
+    print(f"Online k-NN every {args.knn_eval_freq} epoch(s) on {args.knn_data_path}: {len(train)} train and "
+          f"{len(val)} val images, resize {resize}, crop {crop}.")
+    return train, val
+
+
+def online_knn(backbone: nn.Module, knn_datasets, args: argparse.Namespace, autocast, who: str) -> Dict[str, float]:
+    """20-NN accuracy of `backbone`, with eval_knn.py's code; {knn_top1, knn_top5, knn_time}."""
+    start = time.time()
+    was_training = backbone.training
+    backbone.eval()  # batch norms use their running statistics, as in eval_knn.py
+    with autocast():
+        train_f, train_l, test_f, test_l = eval_knn.compute_features(
+            backbone, *knn_datasets, args.batch_size_per_gpu, args.num_workers, args.device)
+    backbone.train(was_training)
+    top1, top5 = eval_knn.knn_accuracy(train_f.float(), train_l, test_f.float(), test_l, k=20, T=0.07)
+    print(f"Online 20-NN of the {who}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({time.time() - start:.0f} s)")
+    return {"knn_top1": top1, "knn_top5": top5, "knn_time": time.time() - start}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer: torch.optim.Optimizer,
+        data_loader, lr_schedule, wd_schedule, state: Dict[str, Any], autocast=contextlib.nullcontext,
+        fp16_scaler: Optional[torch.amp.GradScaler] = None, after_step: Optional[Callable[[int], Dict]] = None,
+        bad_images: Optional[data.BadImageTracker] = None, knn_datasets=None,
+        knn_backbone: Optional[nn.Module] = None, knn_who: str = "teacher",
+        extra_checkpoint: Optional[Dict[str, Any]] = None,
+        check_checkpoint: Optional[Callable[[dict], None]] = None) -> None:
+    """Train `student` for the epochs left, resuming from output_dir/checkpoint.pth when it exists.
+
+    `state`: everything else that a checkpoint restores, by name (modules, optimizer, losses with a centre,
+    the scaler). The checkpoint also holds `epoch`, `args`, per-rank RNG states, the log history and
+    `extra_checkpoint`; `check_checkpoint(checkpoint)` can refuse a checkpoint before anything is loaded.
+    """
+    # ============ optionally resume training ... ============
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    if check_checkpoint is not None and os.path.isfile(checkpoint_path):
+        check_checkpoint(utils.load_checkpoint(checkpoint_path))
+    to_restore = {"epoch": 0, "log_history": []}
+    checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, student=student,
+                                               optimizer=optimizer, fp16_scaler=fp16_scaler, **state)
+    start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
+    log_path = os.path.join(args.output_dir, "log.txt")
+    if checkpoint is not None:
+        rng_states = checkpoint.get("rng_states") or []
+        if len(rng_states) == args.world_size:
+            utils.set_rng_state(rng_states[args.rank])
+        if utils.is_main_process() and "log_history" in checkpoint:
+            # log.txt holds exactly the epochs the checkpoint holds: none lost, none repeated.
+            utils.write_json_lines(log_path, log_history)
+        del checkpoint
+    elif utils.is_main_process() and os.path.exists(log_path):
+        # A log without a checkpoint belongs to another run: keep it aside rather than append to it.
+        os.replace(log_path, log_path + ".old")
+        print(f"No checkpoint in {args.output_dir}: starting from scratch; the previous log.txt is now log.txt.old")
+
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch, args,
+                                      fp16_scaler, autocast, bad_images, after_step)
+
+        # ============ writing logs ... ============
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if knn_datasets and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
+            log_stats.update(online_knn(knn_backbone, knn_datasets, args, autocast, knn_who))
+        log_history.append(log_stats)
+        rng_states = [utils.get_rng_state()]
+        if args.world_size > 1:
+            rng_states = [None] * args.world_size
+            dist.all_gather_object(rng_states, utils.get_rng_state())
+        save_dict = {'student': ddp_state_dict(student)}
+        save_dict.update({k: v.state_dict() for k, v in state.items() if v is not None})
+        save_dict.update({'optimizer': optimizer.state_dict(), 'epoch': epoch + 1, 'args': plain_args(args),
+                          'rng_states': rng_states, 'log_history': log_history, **(extra_checkpoint or {})})
+        if fp16_scaler is not None:
+            save_dict['fp16_scaler'] = fp16_scaler.state_dict()
+        utils.save_on_master(save_dict, checkpoint_path)
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
+        if utils.is_main_process():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+    if utils.is_main_process():
+        plot = os.path.join(args.output_dir, "training_curves.png")
+        print(f"Log (one JSON line per epoch): {log_path}")
+        print(f"Checkpoint: {checkpoint_path}")
+        if os.path.isfile(plot):
+            print(f"Training curves: {plot}")
+            print("Compare runs with: python plot_curves.py RUN_DIR [RUN_DIR ...]")
