@@ -62,23 +62,27 @@ class iBOTPatchLoss(nn.Module):
 
     def forward(self, student_patch_logits: torch.Tensor, teacher_patch_logits: Optional[torch.Tensor],
                 masks: torch.Tensor, epoch: int, teacher_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """student_patch_logits, teacher_patch_logits: [B, N, K]; masks: [B, N] bool (True = masked in the
-        student's input). teacher_probs: [B, N, K], or [M, K] = the M masked rows in `tensor[masks]` order
-        (what `sinkhorn_knopp(teacher_patch_logits[masks], temp)` returns); with it the teacher logits may
-        be None. Returns a float32 scalar; no gradient reaches the teacher."""
-        if masks.dim() != 2 or student_patch_logits.dim() != 3 or student_patch_logits.shape[:2] != masks.shape:
+        """student_patch_logits, teacher_patch_logits: [B, N, K], or [M, K] = only the M masked rows in
+        `tensor[masks]` order (cheaper: the heads then run on the masked tokens only); masks: [B, N] bool
+        (True = masked in the student's input). teacher_probs: [B, N, K] or [M, K] (e.g. what
+        `sinkhorn_knopp(teacher_masked_logits, temp)` returns); with it the teacher logits may be None.
+        Returns a float32 scalar; no gradient reaches the teacher."""
+        if masks.dim() != 2 or student_patch_logits.dim() not in (2, 3) or (
+                student_patch_logits.dim() == 3 and student_patch_logits.shape[:2] != masks.shape):
             raise ValueError(f"iBOTPatchLoss: student logits {tuple(student_patch_logits.shape)} must be [B, N, K] "
-                             f"with masks {tuple(masks.shape)} = [B, N]")
+                             f"with masks {tuple(masks.shape)} = [B, N], or [M, K] for the M masked patches")
         masks = masks.bool()
         n_images = masks.shape[0]
         with _autocast_off(student_patch_logits.device):
             # Only the masked rows: log_softmax over all B*N*K logits would be wasted work and memory.
-            student_logp = F.log_softmax(student_patch_logits[masks].float() / self.student_temp, dim=-1)
+            student_masked = student_patch_logits[masks] if student_patch_logits.dim() == 3 else student_patch_logits
+            student_logp = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
             if teacher_probs is None:
-                if teacher_patch_logits is None or teacher_patch_logits.shape != student_patch_logits.shape:
-                    raise ValueError("iBOTPatchLoss: teacher_patch_logits must have the student's shape [B, N, K] "
-                                     "when teacher_probs is not given")
-                teacher = teacher_patch_logits.detach()[masks].float()
+                if teacher_patch_logits is None or teacher_patch_logits.dim() != student_patch_logits.dim():
+                    raise ValueError("iBOTPatchLoss: teacher_patch_logits must have the student's layout ([B, N, K] "
+                                     "or [M, K]) when teacher_probs is not given")
+                teacher = teacher_patch_logits.detach()
+                teacher = (teacher[masks] if teacher.dim() == 3 else teacher).float()
                 probs = F.softmax((teacher - self.center.view(1, -1)) / self.teacher_temp(epoch), dim=-1)
             else:
                 probs = teacher_probs.detach()
@@ -100,10 +104,12 @@ class iBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_patch_logits: torch.Tensor, masks: torch.Tensor) -> None:
         """center <- m * center + (1 - m) * mean of the teacher logits over the masked patches of all ranks.
+        `teacher_patch_logits`: [B, N, K], or [M, K] for the masked rows only.
 
         Every rank must call it (one all-reduce), also a rank with no masked patch."""
         with _autocast_off(teacher_patch_logits.device):
-            masked = teacher_patch_logits.detach()[masks.bool()].float()  # [M, K]
+            masked = teacher_patch_logits.detach()
+            masked = (masked[masks.bool()] if masked.dim() == 3 else masked).float()  # [M, K]
             # sums and count in one tensor: a single all-reduce, and the exact mean over unequal ranks
             stats = torch.cat([masked.sum(dim=0), masked.new_full((1,), float(masked.shape[0]))])
             if dist.is_available() and dist.is_initialized():

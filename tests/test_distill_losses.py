@@ -246,6 +246,16 @@ def test_ibot_matches_brute_force_and_center_ema():
         assert sg.grad[masks].abs().sum() > 0
 
 
+def test_ibot_masked_rows_layout_equals_full_layout():
+    # main_distill runs the heads on the masked tokens only and passes [M, K] rows in tensor[masks] order
+    full = iBOTPatchLoss(5, warmup_teacher_temp_epochs=0, nepochs=3)
+    rows = iBOTPatchLoss(5, warmup_teacher_temp_epochs=0, nepochs=3)
+    for step in range(3):
+        s, t, masks = _ibot_inputs(step)
+        assert full(s, t, masks, 1).item() == pytest.approx(rows(s[masks], t[masks], masks, 1).item(), rel=1e-6)
+        torch.testing.assert_close(full.center, rows.center)
+
+
 def test_ibot_counts_only_masked_patches():
     s, t, masks = _ibot_inputs(3)
     loss_fn = iBOTPatchLoss(5)
