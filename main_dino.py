@@ -25,7 +25,9 @@ import vision_transformer as vits
 from losses import DINOLoss
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
+    """The official flags (and ours). `ema_teacher=False` leaves out --momentum_teacher (main_distill.py's
+    teacher is frozen)."""
     parser = argparse.ArgumentParser('DINO', add_help=False)
 
     # Model parameters
@@ -41,8 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--norm_last_layer', default=True, type=utils.bool_flag,
                         help="""Whether or not to weight normalize the last layer of the DINO head. Not
         normalizing leads to better performance but can make the training unstable.""")
-    parser.add_argument('--momentum_teacher', default=0.996, type=float, help="""Base EMA parameter for
-        teacher update. The value is increased to 1 during training with cosine schedule.""")
+    if ema_teacher:
+        parser.add_argument('--momentum_teacher', default=0.996, type=float, help="""Base EMA parameter for
+            teacher update. The value is increased to 1 during training with cosine schedule.""")
     parser.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag,
                         help="Whether to use batch normalizations in projection head (Default: False)")
 
@@ -138,7 +141,8 @@ def check_args(args: argparse.Namespace) -> None:
         require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
     require(args.knn_eval_freq >= 1, f"--knn_eval_freq must be at least 1, got {args.knn_eval_freq}")
     require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")
-    require(0 <= args.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
+    require(0 <= getattr(args, "momentum_teacher", 0) <= 1,
+            f"--momentum_teacher must be in [0, 1], got {getattr(args, 'momentum_teacher', None)}")
     require(0 <= args.max_bad_images_fraction <= 1, "--max_bad_images_fraction must be in [0, 1]")
     require(args.teacher_temp > 0 and args.warmup_teacher_temp > 0, "teacher temperatures must be positive")
     arch = utils.DEIT_ALIASES.get(args.arch, args.arch)
@@ -165,15 +169,43 @@ def precision_setup(args: argparse.Namespace):
         f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
 
 
-def build_data(args: argparse.Namespace):
-    """The multi-crop dataset and its loader (seeded per sample, sharded over processes)."""
+def build_data(args: argparse.Namespace, mask_sampler: Optional[data.BlockMaskSampler] = None):
+    """The multi-crop dataset and its loader (seeded per sample, sharded over processes). With `mask_sampler`
+    a sample is `((crops, masks [2, N]), label, bad)`: iBOT masks of the two global crops."""
     transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                           args.global_crops_size, args.local_crops_size)
+    if mask_sampler is not None:
+        transform = data.MaskedCrops(transform, mask_sampler)
     dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
     data_loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
                                     args.world_size, pin_memory=args.device.type == "cuda",
                                     low_priority_workers=args.device.type == "cpu")
     return dataset, data_loader
+
+
+def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim.Optimizer:
+    """--optimizer over the student's parameters (no weight decay on biases and norms); lr and weight decay
+    are set by the schedules at every step."""
+    params_groups = utils.get_params_groups(student)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params_groups, fused=True)  # to use with ViTs
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by scheduler
+    import timm.optim
+    return timm.optim.Lars(params_groups, lr=0, momentum=0.9)  # to use with convnet and large batches
+
+
+def build_schedules(args: argparse.Namespace, niter_per_ep: int):
+    """Per-iteration learning rate (linear warmup, cosine decay) and weight decay (cosine) schedules."""
+    total_batch = args.batch_size_per_gpu * args.world_size * args.grad_accum_steps
+    lr_schedule = utils.cosine_scheduler(
+        args.lr * total_batch / 256.,  # linear scaling rule
+        args.min_lr,
+        args.epochs, niter_per_ep,
+        warmup_epochs=args.warmup_epochs,
+    )
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    return lr_schedule, wd_schedule
 
 
 def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
@@ -217,27 +249,10 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
         args.epochs,
     ).to(args.device)
 
-    # ============ preparing optimizer ... ============
-    params_groups = utils.get_params_groups(student)
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params_groups, fused=True)  # to use with ViTs
-    elif args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by scheduler
-    else:
-        import timm.optim
-        optimizer = timm.optim.Lars(params_groups, lr=0, momentum=0.9)  # to use with convnet and large batches
+    optimizer = build_optimizer(args, student)
     autocast, fp16_scaler, precision = precision_setup(args)
     print(f"Precision: {precision}.")
-
-    # ============ init schedulers ... ============
-    total_batch = args.batch_size_per_gpu * args.world_size * args.grad_accum_steps
-    lr_schedule = utils.cosine_scheduler(
-        args.lr * total_batch / 256.,  # linear scaling rule
-        args.min_lr,
-        args.epochs, niter_per_ep,
-        warmup_epochs=args.warmup_epochs,
-    )
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    lr_schedule, wd_schedule = build_schedules(args, niter_per_ep)
     # momentum parameter is increased to 1. during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
     print("Loss, optimizer and schedulers ready.")

@@ -553,8 +553,11 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
     model_state = model.state_dict()
     if type(model).__module__.startswith("timm.") and any(k not in model_state for k in state_dict):
         state_dict = _timm_convert(state_dict, model)
-    # the DINO projection head (and classifiers replaced by Identity) are not part of the backbone
-    ignored = sorted(k for k in state_dict if k not in model_state and k.split(".")[0] in ("head", "fc", "classifier"))
+    # Weights of other modules saved beside the backbone (the DINO projection head, iBOT heads, the CLS
+    # projection of main_distill.py, classifiers replaced by Identity, the iBOT mask token) are not part of
+    # the backbone; keys under the model's own top-level names that it lacks are real mismatches.
+    top_level = {k.split(".")[0] for k in model_state}
+    ignored = sorted(k for k in state_dict if k not in model_state and k.split(".")[0] not in top_level)
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
     missing = [k for k in model_state if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_state]
@@ -578,10 +581,44 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
     model.load_state_dict(state_dict, strict=False)
     message = f"Pretrained weights found at {path} and loaded: {len(state_dict) - len(unexpected)} tensors"
     if ignored:
-        message += f"; ignored {len(ignored)} projection-head/classifier tensors"
+        others = sorted({k.split(".")[0] for k in ignored})
+        message += f"; ignored {len(ignored)} tensors of other modules ({', '.join(others)})"
     print(message)
     if unexpected:
         print(f"WARNING: {len(unexpected)} weights of {path} are not used by the model: {listing(unexpected)}")
+
+
+def load_head_weights(head: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str],
+                      prefix: str = "head.") -> bool:
+    """Load the weights under `prefix` of a checkpoint (e.g. the DINO projection head of a main_dino.py
+    teacher: `head.*`) into `head`. Returns False, saying why, when the checkpoint has none or they do not
+    fit (other out_dim, layers or widths)."""
+    path = local_weights_path(pretrained_weights)
+    state_dict = select_state_dict(load_checkpoint(path), checkpoint_key, path)
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not found:
+        print(f"{path} holds no '{prefix}*' weights")
+        return False
+    expected = head.state_dict()
+    mismatch = sorted(set(found) ^ set(expected)) + [k for k in found if k in expected and found[k].shape != expected[k].shape]
+    if mismatch:
+        print(f"the '{prefix}*' weights of {path} do not fit this head ({', '.join(mismatch[:4])}...)")
+        return False
+    head.load_state_dict(found, strict=True)
+    print(f"Loaded the '{prefix}*' weights of {path}")
+    return True
+
+
+def state_dict_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes and values): identifies them in a checkpoint."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def check_output_dir(path: str) -> None:

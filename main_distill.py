@@ -1,0 +1,294 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+"""Distillation of a frozen pretrained teacher into a small student, the way DINOv2/DINOv3 make their small
+models:
+
+    python main_distill.py --teacher_arch vit_large_patch16_dinov3 --teacher_weights dinov3_vitl16.pth \
+        --arch vit_small --patch_size 16 --data_path /path/to/imagenet/train --output_dir out/distill
+
+The teacher never changes (no EMA, no gradients, not in DDP, not in the checkpoint: its path and a hash of
+its weights are). The student (one of our ViTs, with a DINO head, an iBOT head and a learnable mask token)
+learns from five losses, each in its own file of `losses/`:
+
+1. DINO: the teacher's CLS prototypes of the 2 global crops against the student's of every crop.
+2. iBOT: the teacher's patch prototypes against the student's at the patches masked in the student's input.
+3. KoLeo: spreads the student's CLS features of each global crop over the sphere.
+4. CLS token: cosine distance between a learned projection of the student's CLS token and the teacher's.
+5. SPD: squared Log-Euclidean distance between the patch-token Gram matrices of student and teacher
+   (`--gram_loss_weight` adds DINOv3's Gram anchoring, an MSE between them).
+
+Everything else (schedules, optimizer, clipping, mixed precision, DDP, checkpoints, resume, online k-NN,
+curves) is the loop of main_dino.py, in engine.py; the flags of main_dino.py apply.
+"""
+import argparse
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.backends.cudnn as cudnn
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import engine
+import main_dino
+import utils
+import vision_transformer as vits
+from losses import CLSTokenLoss, DINOLoss, KoLeoLoss, gram_loss, iBOTPatchLoss, sinkhorn_knopp, spd_loss
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('Distillation', parents=[main_dino.get_args_parser(ema_teacher=False)],
+                                     add_help=False)
+    # DINOv2's distillation schedule of the teacher temperature
+    parser.set_defaults(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
+
+    # Teacher
+    parser.add_argument('--teacher_arch', default='vit_large_patch16_dinov3', type=str, help="""Teacher
+        architecture: vit_small/base/large (ours, with --teacher_patch_size) or any timm ViT name, e.g.
+        vit_large_patch16_dinov3 for Meta's DINOv3 checkpoints.""")
+    parser.add_argument('--teacher_patch_size', default=16, type=int, help="Patch size of our ViT teachers.")
+    parser.add_argument('--teacher_weights', default='', type=str, help="""Teacher weights (required): Meta's
+        DINOv3 files, a checkpoint of main_dino.py or main_distill.py, an official DINO checkpoint.""")
+    parser.add_argument('--teacher_checkpoint_key', default='teacher', type=str, help="""Key of the teacher
+        network in a full checkpoint (main_dino.py: teacher; main_distill.py: student).""")
+    parser.add_argument('--allow_random_teacher', default=False, type=utils.bool_flag, help="""Run with a
+        randomly initialised teacher when no --teacher_weights are given (for tests only).""")
+
+    # Student heads and masking
+    parser.add_argument('--ibot_separate_head', default=False, type=utils.bool_flag, help="""A separate iBOT
+        head (else the DINO head also projects the patch tokens).""")
+    parser.add_argument('--mask_ratio', default=[0.4], type=float, nargs='+', help="""Fraction of the patches
+        of a masked global crop that are masked: one value, or a range `min max` sampled per crop.""")
+    parser.add_argument('--mask_probability', default=0.5, type=float,
+                        help="Fraction of the global crops that get a mask.")
+    parser.add_argument('--mask_patch_size', default=32, type=int, help="""Side in pixels of the mask cells
+        (a multiple of --patch_size): 32 with 16-pixel patches masks blocks of 2x2 patches.""")
+    parser.add_argument('--centering', default='centering', choices=['centering', 'sinkhorn_knopp'],
+                        help="Teacher targets of the DINO and iBOT losses: centred softmax (DINO) or Sinkhorn-Knopp (DINOv2).")
+
+    # Loss weights
+    parser.add_argument('--dino_loss_weight', default=1.0, type=float)
+    parser.add_argument('--ibot_loss_weight', default=1.0, type=float)
+    parser.add_argument('--koleo_loss_weight', default=0.1, type=float)
+    parser.add_argument('--cls_loss_weight', default=1.0, type=float)
+    parser.add_argument('--spd_loss_weight', default=1.0, type=float)
+    parser.add_argument('--gram_loss_weight', default=0.0, type=float, help="DINOv3's Gram anchoring (MSE).")
+    parser.add_argument('--spd_eps', default=1e-4, type=float,
+                        help="Ridge added to the patch Gram matrices of the SPD loss (keeps them positive definite).")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    main_dino.check_args(args)
+    if utils.DEIT_ALIASES.get(args.arch, args.arch) not in utils.VIT_ARCHS:
+        raise utils.UserError(f"--arch {args.arch}: the student must be one of our ViTs ({', '.join(utils.VIT_ARCHS)}), "
+                              "which take the iBOT mask token")
+    for name in ("dino", "ibot", "koleo", "cls", "spd", "gram"):
+        if getattr(args, f"{name}_loss_weight") < 0:
+            raise utils.UserError(f"--{name}_loss_weight must not be negative")
+    if not args.teacher_weights and not args.allow_random_teacher:
+        raise utils.UserError("--teacher_weights is required (a random teacher only with --allow_random_teacher "
+                              "true, for tests)")
+    if args.spd_eps <= 0:
+        raise utils.UserError("--spd_eps must be positive")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher
+# ----------------------------------------------------------------------------------------------------
+def tokens_and_grid(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
+    """(normalised CLS token [B, D], patch tokens [B, N, D], patch grid (h, w)) of a ViT, ours or timm's;
+    register/storage tokens are left out."""
+    patch = model.patch_embed.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+    tokens = model.forward_features(images, masks) if masks is not None else model.forward_features(images)
+    n_prefix = getattr(model, "num_prefix_tokens", 1)
+    return tokens[:, 0], tokens[:, n_prefix:], grid
+
+
+def resample_patch_tokens(tokens: torch.Tensor, grid: Tuple[int, int], target: Tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [B, h*w, D] on another grid (e.g. a /14 teacher for a /16 student), bilinearly."""
+    if tuple(grid) == tuple(target):
+        return tokens
+    b, _, d = tokens.shape
+    x = tokens.transpose(1, 2).reshape(b, d, *grid)
+    x = F.interpolate(x.float(), size=target, mode="bilinear", align_corners=False, antialias=True)
+    return x.flatten(2).transpose(1, 2).to(tokens.dtype)
+
+
+def build_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module, nn.Module, int, str]:
+    """(backbone, DINO head, iBOT head, width, weights hash) of the frozen teacher."""
+    torch.manual_seed(0)  # a random teacher (--allow_random_teacher) is the same in every process
+    backbone, dim = utils.build_backbone(args.teacher_arch, args.teacher_patch_size)
+    if not hasattr(backbone, "patch_embed") or not hasattr(backbone, "forward_features"):
+        raise utils.UserError(f"--teacher_arch {args.teacher_arch}: the teacher must be a ViT (its patch tokens "
+                              "are distilled)")
+    if args.teacher_weights:
+        utils.load_pretrained_weights(backbone, args.teacher_weights, args.teacher_checkpoint_key,
+                                      args.teacher_arch, args.teacher_patch_size)
+    else:
+        print("WARNING: --allow_random_teacher: the teacher is RANDOMLY INITIALISED (seed 0); use this for tests only")
+    heads = []
+    for name, prefix in (("DINO", "head."), ("iBOT", "ibot_head.")):
+        if name == "iBOT" and not args.ibot_separate_head:
+            heads.append(heads[0])
+            break
+        # A fixed seed: the same random heads in every process and on every resume.
+        torch.manual_seed(1 + len(heads))
+        head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
+        if not (args.teacher_weights and utils.load_head_weights(head, args.teacher_weights,
+                                                                 args.teacher_checkpoint_key, prefix)):
+            print(f"Teacher {name} head: initialised from a fixed seed and frozen (no fitting head in the checkpoint)")
+        heads.append(head)
+    weights_hash = utils.state_dict_hash(nn.ModuleList([backbone, *heads]))
+    teacher = nn.ModuleList([backbone, *heads]).to(args.device)
+    teacher.eval().requires_grad_(False)
+    return backbone, heads[0], heads[1], dim, weights_hash
+
+
+# ----------------------------------------------------------------------------------------------------
+# Student
+# ----------------------------------------------------------------------------------------------------
+class DistillStudent(nn.Module):
+    """The trained modules, in one module so that one DDP wrapper synchronises them all: the backbone (with
+    a mask token), the DINO head (`head`, as in MultiCropWrapper checkpoints), the iBOT head and the CLS-token
+    loss with its projection. The backbone's weights stay under `backbone.*`, so eval_knn.py and
+    eval_linear.py read them with `--checkpoint_key student`."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, ibot_head: Optional[nn.Module], cls_loss: CLSTokenLoss):
+        super().__init__()
+        self.backbone, self.head, self.ibot_head, self.cls_loss = backbone, head, ibot_head, cls_loss
+
+    def forward(self, crops, masks: torch.Tensor, teacher_cls: torch.Tensor):
+        """crops: [global1, global2, local1, ...] of [B, 3, H, W]; masks: [2B, N] of the global crops
+        (crop-major). Returns (DINO logits of all crops [(2+L)B, K], iBOT logits of the masked patches
+        [M, K], global CLS tokens [2B, D], global patch tokens [2B, N, D], patch grid, CLS-token loss)."""
+        g_cls, g_patch, grid = tokens_and_grid(self.backbone, torch.cat(crops[:2]), masks)
+        cls = [g_cls]
+        start = 2
+        while start < len(crops):  # one backbone pass per run of equal local-crop sizes
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            cls.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        dino_logits = self.head(torch.cat(cls))
+        ibot_logits = (self.ibot_head or self.head)(g_patch[masks])
+        return dino_logits, ibot_logits, g_cls, g_patch, grid, self.cls_loss(g_cls, teacher_cls)
+
+
+def distill_step(student: nn.Module, teacher: Tuple[nn.Module, nn.Module, nn.Module], losses: dict,
+                 args: argparse.Namespace):
+    """Distillation's part of the shared loop: teacher forward (no gradient), student forward, five losses."""
+    t_backbone, t_head, t_ibot_head = teacher
+    w = {name: getattr(args, f"{name}_loss_weight") for name in ("dino", "ibot", "koleo", "cls", "spd", "gram")}
+
+    def step(batch, epoch: int, it: int):
+        crops, masks = batch
+        masks = masks.transpose(0, 1).flatten(0, 1)  # [B, 2, N] -> [2B, N], crop-major like torch.cat(crops[:2])
+        with torch.no_grad():
+            t_cls, t_patch, t_grid = tokens_and_grid(t_backbone, torch.cat(crops[:2]))
+        dino_logits, ibot_logits, s_cls, s_patch, s_grid, cls_loss = student(crops, masks, t_cls)
+        with torch.no_grad():
+            t_patch = resample_patch_tokens(t_patch, t_grid, s_grid)
+            t_dino = t_head(t_cls)
+            t_ibot = t_ibot_head(t_patch[masks])
+        terms = {"dino_loss": losses["dino"](dino_logits, t_dino, epoch)}
+        if args.centering == "sinkhorn_knopp":
+            probs = sinkhorn_knopp(t_ibot, losses["ibot"].teacher_temp(epoch))
+            terms["ibot_loss"] = losses["ibot"](ibot_logits, None, masks, epoch, teacher_probs=probs)
+        else:
+            terms["ibot_loss"] = losses["ibot"](ibot_logits, t_ibot, masks, epoch)
+        terms["koleo_loss"] = sum(losses["koleo"](c) for c in s_cls.chunk(2))
+        terms["cls_loss"] = cls_loss
+        if w["spd"] > 0:  # eigendecompositions: only when used
+            terms["spd_loss"] = spd_loss(s_patch, t_patch, args.spd_eps)
+        if w["gram"] > 0:
+            terms["gram_loss"] = gram_loss(s_patch, t_patch)
+        total = sum(w[name[:-len("_loss")]] * value for name, value in terms.items())
+        logged = {k: v.detach() for k, v in terms.items()}
+        logged["teacher_temp"] = losses["dino"].teacher_temp(epoch)
+        return total, logged
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Script
+# ----------------------------------------------------------------------------------------------------
+def train_distill(args: argparse.Namespace) -> None:
+    check_args(args)
+    mask_sampler = data.BlockMaskSampler(args.global_crops_size, args.patch_size, args.mask_patch_size,
+                                         mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed + args.rank)
+    if args.num_workers is None:
+        args.num_workers = main_dino.default_num_workers()
+    print("git:\n  {}\n".format(utils.get_sha()))
+    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    cudnn.benchmark = True
+    if utils.is_main_process():
+        utils.check_output_dir(args.output_dir)
+
+    # ============ data ... ============
+    dataset, data_loader = main_dino.build_data(args, mask_sampler)
+    niter_per_ep = len(data_loader) // args.grad_accum_steps
+    if niter_per_ep == 0:
+        raise utils.UserError(f"{len(dataset)} images are not enough for one step: lower --batch_size_per_gpu")
+    print(f"Data loaded: there are {len(dataset)} images, {niter_per_ep} optimizer steps per epoch.")
+    knn_datasets = engine.build_knn_data(args)
+
+    # ============ teacher and student ... ============
+    t_backbone, t_head, t_ibot_head, t_dim, teacher_hash = build_teacher(args)
+    utils.fix_random_seeds(args.seed + args.rank)  # the student's initialisation does not depend on the teacher's
+    backbone, dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate, masked_im_modeling=True)
+    head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
+    ibot_head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head,
+                              norm_last_layer=args.norm_last_layer) if args.ibot_separate_head else None
+    student = DistillStudent(backbone, head, ibot_head, CLSTokenLoss(dim, t_dim)).to(args.device)
+    if args.world_size > 1:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    print(f"Teacher {args.teacher_arch} ({t_dim}) frozen; student {args.arch}/{args.patch_size} ({dim}).")
+
+    # ============ losses, optimizer, schedules ... ============
+    ncrops = args.local_crops_number + 2
+    loss_fns = {
+        "dino": DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, centering=args.centering),
+        "ibot": iBOTPatchLoss(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
+                              args.warmup_teacher_temp_epochs, args.epochs),
+        "koleo": KoLeoLoss(),
+    }
+    for fn in loss_fns.values():
+        fn.to(args.device)
+    optimizer = main_dino.build_optimizer(args, student)
+    autocast, fp16_scaler, precision = main_dino.precision_setup(args)
+    print(f"Precision: {precision}.")
+    lr_schedule, wd_schedule = main_dino.build_schedules(args, niter_per_ep)
+
+    def check_checkpoint(checkpoint: dict) -> None:
+        saved = checkpoint.get("teacher_hash") if isinstance(checkpoint, dict) else None
+        if saved is not None and saved != teacher_hash:
+            raise utils.UserError(
+                f"{os.path.join(args.output_dir, 'checkpoint.pth')} was trained with another teacher "
+                f"({checkpoint.get('teacher_weights')!r}, weights hash {saved[:12]}) than --teacher_weights "
+                f"{args.teacher_weights!r} (hash {teacher_hash[:12]}): use that teacher, or another --output_dir")
+
+    print("Starting distillation !")
+    engine.fit(args, step=distill_step(student, (t_backbone, t_head, t_ibot_head), loss_fns, args),
+               student=student, optimizer=optimizer, data_loader=data_loader, lr_schedule=lr_schedule,
+               wd_schedule=wd_schedule, state={"dino_loss": loss_fns["dino"], "ibot_loss": loss_fns["ibot"]},
+               autocast=autocast, fp16_scaler=fp16_scaler,
+               bad_images=data.BadImageTracker(len(dataset), args.max_bad_images_fraction),
+               knn_datasets=knn_datasets, knn_backbone=engine.unwrap(student).backbone, knn_who="student",
+               extra_checkpoint={"teacher_weights": args.teacher_weights, "teacher_arch": args.teacher_arch,
+                                 "teacher_hash": teacher_hash},
+               check_checkpoint=check_checkpoint)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('Distillation', parents=[get_args_parser()])
+    utils.run_script(train_distill, parser.parse_args())
