@@ -1,0 +1,150 @@
+"""main_distill.py: teachers of every kind, the five losses logged, resume with the same teacher only,
+one and two processes, and the student evaluated by eval_knn.py."""
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO_ROOT, run_cmd
+import main_distill
+import utils
+import vision_transformer as vits
+
+PY = sys.executable
+LOSSES = ("train_dino_loss", "train_ibot_loss", "train_koleo_loss", "train_cls_loss", "train_spd_loss")
+
+
+def image_folder(root, n_per_class=4, size=40, classes=("a", "b"), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = (torch.rand(size, size, 3, generator=g) * 255).byte().numpy()
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def main_dino_teacher(path, seed=0, out_dim=64):
+    """A main_dino.py-style checkpoint of a ViT-Tiny/16 teacher (MultiCropWrapper keys, with its head)."""
+    torch.manual_seed(seed)
+    wrapper = utils.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, out_dim))
+    torch.save({"teacher": wrapper.state_dict(), "student": {}, "epoch": 1, "args": {}}, path)
+    return wrapper
+
+
+def distill_cmd(data, out, teacher, *extra, teacher_arch="vit_tiny"):
+    return [PY, REPO_ROOT / "main_distill.py", "--data_path", data, "--output_dir", out, "--arch", "vit_tiny",
+            "--patch_size", "16", "--teacher_arch", teacher_arch, "--teacher_weights", teacher,
+            "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "1",
+            "--mask_patch_size", "16", "--mask_probability", "1", "--out_dim", "64", "--batch_size_per_gpu", "4",
+            "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", *map(str, extra)]
+
+
+def log_records(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_distill_two_iterations_logs_every_loss_and_student_evaluates(tmp_path):
+    data = image_folder(tmp_path / "data" / "train")
+    image_folder(tmp_path / "data" / "val", n_per_class=2, seed=1)
+    main_dino_teacher(tmp_path / "teacher.pth")
+    out = tmp_path / "run"
+    proc = run_cmd(distill_cmd(data, out, tmp_path / "teacher.pth", "--epochs", "2",
+                               "--knn_data_path", tmp_path / "data"))
+    assert "Loaded the 'head.*' weights" in proc.stdout  # the teacher's DINO head comes from its checkpoint
+    assert "Online 20-NN of the student" in proc.stdout
+    records = log_records(out)
+    assert len(records) == 2
+    for r in records:
+        for key in LOSSES:
+            assert key in r and r[key] == r[key] and abs(r[key]) < 1e6, (key, r)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert "teacher" not in ckpt and len(ckpt["teacher_hash"]) == 64
+    student_keys = set(ckpt["student"])
+    assert "module.backbone.mask_token" in student_keys and "module.cls_loss.proj.weight" in student_keys
+    assert set(ckpt) >= {"student", "optimizer", "dino_loss", "ibot_loss", "epoch", "args", "log_history"}
+    # the distilled student is evaluated as is
+    knn = run_cmd([PY, REPO_ROOT / "eval_knn.py", "--arch", "vit_tiny", "--pretrained_weights", out / "checkpoint.pth",
+                   "--checkpoint_key", "student", "--data_path", tmp_path / "data", "--resize_size", "32",
+                   "--crop_size", "32", "--nb_knn", "2", "--num_workers", "0"])
+    assert "2-NN classifier result" in knn.stdout and "WARNING" not in knn.stdout
+
+
+def test_resume_needs_the_same_teacher(tmp_path):
+    data = image_folder(tmp_path / "train")
+    main_dino_teacher(tmp_path / "t1.pth", seed=0)
+    main_dino_teacher(tmp_path / "t2.pth", seed=1)
+    out = tmp_path / "run"
+    run_cmd(distill_cmd(data, out, tmp_path / "t1.pth"))
+    proc = run_cmd(distill_cmd(data, out, tmp_path / "t2.pth", "--epochs", "2"), check=False)
+    assert proc.returncode == 2 and "was trained with another teacher" in proc.stderr, proc.stderr
+    proc = run_cmd(distill_cmd(data, out, tmp_path / "t1.pth", "--epochs", "2"))
+    assert "Found checkpoint" in proc.stdout and len(log_records(out)) == 2
+
+
+def test_distill_two_processes(tmp_path):
+    data = image_folder(tmp_path / "train", n_per_class=8)
+    main_dino_teacher(tmp_path / "teacher.pth")
+    out = tmp_path / "run"
+    run_cmd([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             *distill_cmd(data, out, tmp_path / "teacher.pth", "--centering", "sinkhorn_knopp",
+                          "--ibot_separate_head", "true")[1:]], timeout=600)
+    (record,) = log_records(out)
+    assert all(record[k] == record[k] for k in LOSSES)
+
+
+def test_meta_dinov3_teacher(tmp_path):
+    meta = pytest.importorskip("meta_dinov3")
+    torch.save(meta.make_meta_state_dict(seed=0), tmp_path / "dinov3_vits16.pth")
+    data = image_folder(tmp_path / "train")
+    proc = run_cmd(distill_cmd(data, tmp_path / "run", tmp_path / "dinov3_vits16.pth",
+                               teacher_arch="vit_small_patch16_dinov3"))
+    assert "Teacher DINO head: initialised from a fixed seed and frozen" in proc.stdout
+    (record,) = log_records(tmp_path / "run")
+    assert all(record[k] == record[k] for k in LOSSES)
+
+
+def test_teacher_tokens_are_meta_tokens(tmp_path):
+    """The teacher's CLS and patch tokens (storage tokens left out) are those of Meta's own model code."""
+    meta = pytest.importorskip("meta_dinov3")
+    sd = meta.make_meta_state_dict(seed=1)
+    torch.save(sd, tmp_path / "m.pth")
+    reference = meta.dinov3_vits16()
+    reference.load_state_dict(sd)
+    model, _ = utils.build_backbone("vit_small_patch16_dinov3")
+    utils.load_pretrained_weights(model, str(tmp_path / "m.pth"), None)
+    x = torch.randn(2, 3, 64, 48)
+    cls, patches, grid = main_distill.tokens_and_grid(model.eval(), x)
+    expected = reference.eval().forward_features(x)
+    assert grid == (4, 3) and patches.shape == (2, 12, 384)
+    torch.testing.assert_close(cls, expected["x_norm_clstoken"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(patches, expected["x_norm_patchtokens"], atol=1e-4, rtol=1e-4)
+
+
+def test_resample_patch_tokens_to_the_student_grid():
+    tokens = torch.arange(16, dtype=torch.float32).view(1, 16, 1).repeat(2, 1, 3)  # 4x4 grid, values 0..15
+    same = main_distill.resample_patch_tokens(tokens, (4, 4), (4, 4))
+    assert same is tokens
+    down = main_distill.resample_patch_tokens(tokens, (4, 4), (2, 2))
+    assert down.shape == (2, 4, 3)
+    # a linear ramp stays a ramp, symmetric about its centre (row-major order of the 2x2 grid kept)
+    v = down[0, :, 0]
+    assert v[0] < v[1] < v[2] < v[3]
+    assert float(v[0] + v[3]) == pytest.approx(15.0) and float(v[1] + v[2]) == pytest.approx(15.0)
+    up = main_distill.resample_patch_tokens(torch.ones(1, 4, 2), (2, 2), (3, 3))  # e.g. /16 teacher, /14 student
+    torch.testing.assert_close(up, torch.ones(1, 9, 2))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "--teacher_weights is required"),
+    (["--allow_random_teacher", "true", "--arch", "resnet18"], "the student must be one of our ViTs"),
+    (["--allow_random_teacher", "true", "--mask_patch_size", "24"], "--mask_patch_size 24"),
+    (["--allow_random_teacher", "true", "--koleo_loss_weight", "-1"], "--koleo_loss_weight"),
+])
+def test_flag_errors(tmp_path, extra, message):
+    cmd = distill_cmd(tmp_path, tmp_path / "run", "")
+    proc = run_cmd(cmd + extra, check=False, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
