@@ -224,11 +224,10 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     """
     # ============ optionally resume training ... ============
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if check_checkpoint is not None and os.path.isfile(checkpoint_path):
-        check_checkpoint(utils.load_checkpoint(checkpoint_path))
     to_restore = {"epoch": 0, "log_history": []}
-    checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, student=student,
-                                               optimizer=optimizer, fp16_scaler=fp16_scaler, **state)
+    checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, check=check_checkpoint,
+                                               student=student, optimizer=optimizer, fp16_scaler=fp16_scaler,
+                                               **state)
     start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
     log_path = os.path.join(args.output_dir, "log.txt")
     if checkpoint is not None:

@@ -438,12 +438,14 @@ def match_state_dict_prefix(state_dict: Dict[str, Any], module: nn.Module) -> Di
     return state_dict
 
 
-def restart_from_checkpoint(ckp_path: str, run_variables: Optional[Dict[str, Any]] = None, **kwargs) -> Optional[dict]:
+def restart_from_checkpoint(ckp_path: str, run_variables: Optional[Dict[str, Any]] = None,
+                            check: Optional[Callable[[dict], None]] = None, **kwargs) -> Optional[dict]:
     """Load each `name=object` from the checkpoint at `ckp_path` (if it exists) into `object`.
 
     Modules load strictly (the DDP `module.` prefix is adapted); a mismatch stops with a message naming
     the file and the keys. `run_variables` entries present in the checkpoint are overwritten. Returns
-    the checkpoint dict, or None if there is none.
+    the checkpoint dict, or None if there is none. `check(checkpoint)` may refuse it (raise) before anything
+    is loaded.
     """
     if not os.path.isfile(ckp_path):
         return None
@@ -451,6 +453,8 @@ def restart_from_checkpoint(ckp_path: str, run_variables: Optional[Dict[str, Any
     checkpoint = load_checkpoint(ckp_path)
     if not isinstance(checkpoint, dict):
         raise UserError(f"{ckp_path} is not a training checkpoint (expected a dict, found {type(checkpoint).__name__})")
+    if check is not None:
+        check(checkpoint)
     for key, value in kwargs.items():
         if value is None:
             continue
