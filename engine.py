@@ -234,14 +234,11 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
         rng_states = checkpoint.get("rng_states") or []
         if len(rng_states) == args.world_size:
             utils.set_rng_state(rng_states[args.rank])
-        if utils.is_main_process() and "log_history" in checkpoint:
-            # log.txt holds exactly the epochs the checkpoint holds: none lost, none repeated.
-            utils.write_json_lines(log_path, log_history)
+        if "log_history" in checkpoint:
+            utils.sync_log_with_checkpoint(log_path, log_history)
         del checkpoint
-    elif utils.is_main_process() and os.path.exists(log_path):
-        # A log without a checkpoint belongs to another run: keep it aside rather than append to it.
-        os.replace(log_path, log_path + ".old")
-        print(f"No checkpoint in {args.output_dir}: starting from scratch; the previous log.txt is now log.txt.old")
+    else:
+        utils.sync_log_with_checkpoint(log_path, None)
 
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):

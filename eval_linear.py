@@ -519,14 +519,10 @@ def eval_linear(args: argparse.Namespace) -> Dict:
             scheduler.T_max = args.epochs
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base_lr * (1 + math.cos(math.pi * start_epoch / args.epochs)) / 2
-        if utils.is_main_process():
-            # log.txt holds exactly the epochs the checkpoint holds: none lost, none repeated.
-            utils.write_json_lines(log_path, log_history)
+        utils.sync_log_with_checkpoint(log_path, log_history)
         del checkpoint
-    elif utils.is_main_process() and os.path.exists(log_path):
-        # A log without a checkpoint belongs to another run: keep it aside rather than append to it.
-        os.replace(log_path, log_path + ".old")
-        print(f"No checkpoint in {args.output_dir}: starting from scratch; the previous log.txt is now log.txt.old")
+    else:
+        utils.sync_log_with_checkpoint(log_path, None)
 
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):

@@ -625,6 +625,20 @@ def state_dict_hash(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def sync_log_with_checkpoint(log_path: str, log_history: Optional[Sequence[Dict[str, Any]]]) -> None:
+    """Make log.txt hold exactly the epochs of the checkpoint a run resumes from (`log_history`; none lost,
+    none repeated), or, when starting without a checkpoint (`log_history` None), move a stale log.txt,
+    which belongs to another run, aside to log.txt.old rather than append to it. Main process only."""
+    if not is_main_process():
+        return
+    if log_history is not None:
+        write_json_lines(log_path, log_history)
+    elif os.path.exists(log_path):
+        os.replace(log_path, log_path + ".old")
+        print(f"No checkpoint in {os.path.dirname(log_path) or '.'}: starting from scratch; the previous log.txt "
+              "is now log.txt.old")
+
+
 def check_output_dir(path: str) -> None:
     """Create `path` and check that it is writable, before any training starts."""
     try:
