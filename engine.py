@@ -58,6 +58,38 @@ def plain_args(args: argparse.Namespace) -> Dict:
     return out
 
 
+def default_num_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def setup_run(args: argparse.Namespace) -> None:
+    """What every training script does first: processes, seeds, data workers, the flags in the log, and a
+    writable output folder (checked before any training)."""
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed + args.rank)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    print("git:\n  {}\n".format(utils.get_sha()))
+    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    torch.backends.cudnn.benchmark = True
+    if utils.is_main_process():
+        utils.check_output_dir(args.output_dir)
+
+
+def steps_per_epoch(dataset, data_loader, args: argparse.Namespace) -> int:
+    """Optimizer steps per epoch; stops with a message when the data cannot fill one."""
+    niter_per_ep = len(data_loader) // args.grad_accum_steps
+    if niter_per_ep == 0:
+        raise utils.UserError(
+            f"{len(dataset)} images are not enough for one step of {args.batch_size_per_gpu} images x "
+            f"{args.world_size} processes x {args.grad_accum_steps} accumulation steps: lower "
+            "--batch_size_per_gpu or --grad_accum_steps, or use more data")
+    print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
+          f"{niter_per_ep} optimizer steps per epoch.")
+    return niter_per_ep
+
+
 def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
     """Stop on a non-finite loss. On GPU the check is deferred (`all_finite` accumulates on the device) so
     that no step waits for the host; then the bad iteration is only known to be at or before `it`."""

@@ -10,12 +10,10 @@ Restarting the same command resumes from `output_dir/checkpoint.pth`.
 """
 import argparse
 import contextlib
-import os
 from types import SimpleNamespace
 from typing import Dict, Optional
 
 import torch
-import torch.backends.cudnn as cudnn
 import torch.nn as nn
 
 import data
@@ -152,11 +150,6 @@ def check_args(args: argparse.Namespace) -> None:
                     f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
 
 
-def default_num_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
 def precision_setup(args: argparse.Namespace):
     """(autocast context factory, GradScaler or None, description) for this device and the flags."""
     if args.device.type != "cuda" or not args.use_fp16:
@@ -264,26 +257,11 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
 
 def train_dino(args: argparse.Namespace) -> None:
     check_args(args)
-    utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed + args.rank)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
-    cudnn.benchmark = True
-    if utils.is_main_process():
-        utils.check_output_dir(args.output_dir)
+    engine.setup_run(args)
 
     # ============ preparing data ... ============
     dataset, data_loader = build_data(args)
-    niter_per_ep = len(data_loader) // args.grad_accum_steps
-    if niter_per_ep == 0:
-        raise utils.UserError(
-            f"{len(dataset)} images are not enough for one step of {args.batch_size_per_gpu} images x "
-            f"{args.world_size} processes x {args.grad_accum_steps} accumulation steps: lower "
-            "--batch_size_per_gpu or --grad_accum_steps, or use more data")
-    print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
-          f"{niter_per_ep} optimizer steps per epoch.")
+    niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args)
 
     knn_datasets = engine.build_knn_data(args)
     run = build_training(args, niter_per_ep)

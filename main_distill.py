@@ -24,7 +24,6 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import torch.backends.cudnn as cudnn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -222,22 +221,11 @@ def train_distill(args: argparse.Namespace) -> None:
     check_args(args)
     mask_sampler = data.BlockMaskSampler(args.global_crops_size, args.patch_size, args.mask_patch_size,
                                          mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
-    utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed + args.rank)
-    if args.num_workers is None:
-        args.num_workers = main_dino.default_num_workers()
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
-    cudnn.benchmark = True
-    if utils.is_main_process():
-        utils.check_output_dir(args.output_dir)
+    engine.setup_run(args)
 
     # ============ data ... ============
     dataset, data_loader = main_dino.build_data(args, mask_sampler)
-    niter_per_ep = len(data_loader) // args.grad_accum_steps
-    if niter_per_ep == 0:
-        raise utils.UserError(f"{len(dataset)} images are not enough for one step: lower --batch_size_per_gpu")
-    print(f"Data loaded: there are {len(dataset)} images, {niter_per_ep} optimizer steps per epoch.")
+    niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args)
     knn_datasets = engine.build_knn_data(args)
 
     # ============ teacher and student ... ============
