@@ -41,6 +41,28 @@ def cifar_subset(cifar10_root, tmp_path_factory) -> Path:
     return make_subset(cifar10_root / "train", tmp_path_factory.mktemp("cifar_subset"), per_class=16)
 
 
+def noise_image(size=(48, 40), seed=0):
+    """A colourful RGB image (no two channels equal anywhere)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    arr[..., 1] = (arr[..., 0].astype(np.int32) + 85) % 256  # channels always differ
+    arr[..., 2] = (arr[..., 0].astype(np.int32) + 170) % 256
+    return Image.fromarray(arr, mode="RGB")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """11 colourful 24x24 images in 2 classes (11: not a multiple of the batch size or of 2 ranks)."""
+    root = tmp_path / "imgs"
+    for i in range(11):
+        cls = "a" if i % 2 else "b"
+        os.makedirs(root / cls, exist_ok=True)
+        noise_image((24, 24), seed=i).save(root / cls / f"{i:02d}.png")
+    return root
+
+
 def run_cmd(args, cwd=REPO_ROOT, timeout=600, env=None, check=True):
     """Run a command line (list) with the repo on PYTHONPATH; return the CompletedProcess."""
     import subprocess

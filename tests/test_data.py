@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from conftest import noise_image
 import data
 import utils
 
@@ -23,13 +24,6 @@ MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def noise_image(size=(48, 40), seed=0) -> Image.Image:
-    """A colourful RGB image (no two channels equal anywhere)."""
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    arr[..., 1] = (arr[..., 0].astype(np.int32) + 85) % 256  # channels always differ
-    arr[..., 2] = (arr[..., 0].astype(np.int32) + 170) % 256
-    return Image.fromarray(arr, mode="RGB")
 
 
 def small_aug(n_local=2, global_size=64, local_size=32):
@@ -500,15 +494,6 @@ def test_build_dataset_on_synthetic_root(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # PretrainDataset, EpochSampler, build_loader, BadImageTracker
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def tiny_folder(tmp_path):
-    """11 colourful 24x24 images in 2 classes (11: not a multiple of the batch size or of 2 ranks)."""
-    root = tmp_path / "imgs"
-    for i in range(11):
-        cls = "a" if i % 2 else "b"
-        os.makedirs(root / cls, exist_ok=True)
-        noise_image((24, 24), seed=i).save(root / cls / f"{i:02d}.png")
-    return root
 
 
 def tiny_aug():

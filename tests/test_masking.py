@@ -3,7 +3,6 @@
 CPU only, small images generated in tmp_path; a few seconds.
 """
 import math
-import os
 import random
 
 import numpy as np
@@ -293,15 +292,6 @@ def test_masked_crops_checks_the_crop_size():
         aug(noise_image())
 
 
-@pytest.fixture
-def tiny_folder(tmp_path):
-    """11 24x24 images in 2 classes."""
-    root = tmp_path / "imgs"
-    for i in range(11):
-        cls = "a" if i % 2 else "b"
-        os.makedirs(root / cls, exist_ok=True)
-        noise_image(seed=i).save(root / cls / f"{i:02d}.png")
-    return root
 
 
 def collect(loader, epoch):
