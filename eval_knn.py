@@ -122,15 +122,20 @@ def extract_features(model: nn.Module, data_loader, device: torch.device, use_cu
     return features.to(device if use_cuda else "cpu"), errors
 
 
+def readable_mask(dataset: data.EvalDataset, errors: Sequence[str]) -> torch.Tensor:
+    """[N] bool, in dataset order: False for the images named in `errors` ("path: reason" lines)."""
+    bad_paths = {e.split(": ", 1)[0] for e in errors}
+    return torch.tensor([path not in bad_paths for path, _ in dataset.samples], dtype=torch.bool)
+
+
 def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, dataset: data.EvalDataset,
                     errors: Sequence[str], split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Leave out the images that could not be read, naming each one."""
     if not errors:
         return features, labels
-    bad_paths = {e.split(": ", 1)[0] for e in errors}
     for e in errors:
         print(f"WARNING: unreadable {split} image left out of the evaluation: {e}")
-    keep = torch.tensor([path not in bad_paths for path, _ in dataset.samples], device=features.device)
+    keep = readable_mask(dataset, errors).to(features.device)
     return features[keep], labels[keep.to(labels.device)]
 
 

@@ -212,11 +212,6 @@ def name_unreadable(errors: Iterable[str], split: str, named: Set[str]) -> None:
             print(f"WARNING: unreadable {split} image left out of training and accuracy: {e}")
 
 
-def readable_mask(dataset: data.EvalDataset, errors: Sequence[str]) -> torch.Tensor:
-    bad_paths = {e.split(": ", 1)[0] for e in errors}
-    return torch.tensor([path not in bad_paths for path, _ in dataset.samples], dtype=torch.bool)
-
-
 def all_ranks_errors(errors: List[str]) -> List[str]:
     """The union of every rank's list (one collective); the list itself without a process group."""
     if not utils.is_dist_avail_and_initialized() or dist.get_world_size() == 1:
@@ -391,7 +386,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
         name_unreadable(errors, split, named)
         print(f"{split} features of {len(dataset)} images extracted in {time.time() - start:.1f} s "
               f"({features.shape[1]} dims).")
-        return features, readable_mask(dataset, errors)
+        return features, eval_knn.readable_mask(dataset, errors)
 
     val_labels = torch.tensor(dataset_val.targets, dtype=torch.long)
     if args.evaluate:
