@@ -17,11 +17,13 @@
 """
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -593,11 +595,21 @@ def seeded_rng(seed: int):
 
 class EpochSampler(DistributedSampler):
     """DistributedSampler that yields `(epoch, index)` so that the dataset knows the epoch even in
-    persistent workers. Works without a process group (give `num_replicas`/`rank`)."""
+    persistent workers. Works without a process group (give `num_replicas`/`rank`).
+
+    `set_epoch(epoch, start)` skips the first `start` indices of this rank's share of the epoch without
+    reading them: an epoch resumed in its middle sees the rest of the same order (and, with per-sample
+    seeding, the same augmentations). `len()` stays the full share, so that schedules do not change."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         epoch = self.epoch
-        for index in super().__iter__():
+        for index in itertools.islice(super().__iter__(), self.start, None):
             yield (epoch, index)
 
 
@@ -717,6 +729,11 @@ class BadImageTracker:
 
 
 def _seed_worker(worker_id: int) -> None:
+    # The signals that ask training to stop (Ctrl-C, SLURM's SIGTERM and USR2, sent to every process of
+    # the job) are for the main process, which finishes its iteration and checkpoints; a worker killed by
+    # one would crash it first. Workers still exit when the main process does.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     # Per-sample seeding makes augmentations independent of this; it seeds any other randomness.
     info = torch.utils.data.get_worker_info()
     base = info.seed % 2**32

@@ -8,6 +8,10 @@ checkpoints, mixed precision and checks from one piece of code.
   pass and loss, returning `(loss, {name: value})`, and `after_step(it)` (the teacher EMA of DINO), returning
   `{name: value}` to log.
 - `fit(args, ...)`: the run around it: resume, the epochs, log.txt, checkpoints, online k-NN and curves.
+- `StopSignals`: SIGTERM, SIGINT and SIGUSR2 (SLURM's pre-timeout and preemption signal) make every rank
+  finish its iteration, agree on the same step, write a checkpoint of the exact position inside the epoch
+  and stop (`utils.TrainingInterrupted`); the same command resumes at the next iteration with the same
+  samples and augmentations, as if never stopped.
 """
 import argparse
 import contextlib
@@ -15,6 +19,8 @@ import datetime
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -106,17 +112,74 @@ def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Opti
         "--teacher_temp.")
 
 
+class StopSignals:
+    """Turns SIGTERM, SIGINT and SIGUSR2 into a request to stop after the current iteration.
+
+    A context manager: handlers are installed on entry (main thread only) and the previous ones restored
+    on exit. `agreed()` tells, on every rank at the same iteration, whether any rank received one (a small
+    all-reduce on the CPU; signals reach the ranks at slightly different moments). A second Ctrl-C stops
+    at once.
+    """
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+    def __init__(self, world_size: int = 1):
+        self.signum = 0
+        self.previous: Dict[int, Any] = {}
+        self.group = None
+        if world_size > 1:  # a CPU group for the flag, so that checking it never waits for a GPU
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handler(self, signum: int, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+        if not self.signum:
+            utils.print_all_ranks(f"Received {signal.Signals(signum).name}: finishing this iteration, then "
+                                  "writing a checkpoint and stopping (Ctrl-C again to stop at once).")
+        self.signum = self.signum or signum
+
+    def agreed(self) -> int:
+        """The signal any rank received (0 if none), the same on every rank."""
+        if self.group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def interrupted(self, signum: int, where: str, checkpoint_path: str) -> utils.TrainingInterrupted:
+        return utils.TrainingInterrupted(
+            signum, f"Stopped by {signal.Signals(signum).name} {where}; the checkpoint {checkpoint_path} holds "
+            "this exact position: run the same command again to resume there.", self.previous.get(signum))
+
+
 def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Optimizer, data_loader,
                     lr_schedule: Sequence[float], wd_schedule: Sequence[float], epoch: int, args,
                     fp16_scaler: Optional[torch.amp.GradScaler] = None, autocast=contextlib.nullcontext,
                     bad_images: Optional[data.BadImageTracker] = None,
-                    after_step: Optional[Callable[[int], Dict[str, Any]]] = None) -> Dict[str, float]:
+                    after_step: Optional[Callable[[int], Dict[str, Any]]] = None,
+                    position: Optional[Dict[str, Any]] = None,
+                    between_steps: Optional[Callable[[int, Callable[[], Dict]], None]] = None) -> Dict[str, float]:
     """One epoch of optimizer steps on `student` (the trained module, DDP-wrapped or not); returns the epoch
     averages of the loss, of what `step` and `after_step` return, of lr and wd, and images/s.
 
     `data_loader` yields `(batch, labels, bad)`; `bad` holds one unreadable-image report per sample ("" if
     none). `args` gives grad_accum_steps, clip_grad, freeze_last_layer, epochs, print_freq,
     batch_size_per_gpu, world_size, device and output_dir.
+
+    Mid-epoch resume: `position` (this rank's, from `between_steps`) continues an epoch after its first
+    `position["batches"]` batches, which the loader must already skip (`EpochSampler.set_epoch(epoch,
+    start)`). `between_steps(it, position_fn)` runs after every optimizer step; `position_fn()` checks that
+    the state is finite and returns this rank's position, for a checkpoint.
     """
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
@@ -125,10 +188,25 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     check_every_step = args.device.type == "cpu"  # reading the loss costs nothing there
     all_finite = torch.ones((), dtype=torch.bool, device=args.device)
     images_per_iter = args.batch_size_per_gpu * args.world_size
-    epoch_start, n_images = time.time(), 0
+    epoch_start, n_images, elapsed_before, start_batch = time.time(), 0, 0.0, 0
+    if position:
+        start_batch, n_images, elapsed_before = position["batches"], position["n_images"], position["elapsed"]
+        metric_logger.load_state_dict(position["meters"])
+        if bad_images is not None:
+            bad_images.seen.update(position["bad_images"])
+        print(f"Resuming epoch {epoch} at batch {start_batch} of {len(data_loader)}")
 
+    def position_fn() -> Dict[str, Any]:
+        check_finite(loss, epoch, it_local, args, None if check_every_step else all_finite)
+        return {"batches": it_local + 1, "n_images": n_images, "meters": metric_logger.state_dict(),
+                "elapsed": elapsed_before + time.time() - epoch_start,
+                "bad_images": dict(bad_images.seen) if bad_images is not None else {}}
+
+    it_local = start_batch - 1
+    loss = torch.zeros(())
     for it_local, (batch, _, bad) in enumerate(metric_logger.log_every(
-            data_loader, args.print_freq, header, images_per_iter=images_per_iter)):
+            data_loader, args.print_freq, header, images_per_iter=images_per_iter, start=start_batch),
+            start=start_batch):
         step_in_epoch, micro = divmod(it_local, accum)
         if step_in_epoch >= niter_per_ep:
             break  # the last incomplete accumulation
@@ -180,11 +258,13 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
             metric_logger.update(**after_step(it))
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        if between_steps is not None and step_in_epoch + 1 < niter_per_ep:
+            between_steps(it, position_fn)
     check_finite(loss, epoch, it_local, args, all_finite)
 
     # gather the stats from all processes
     metric_logger.synchronize_between_processes()
-    epoch_time = time.time() - epoch_start
+    epoch_time = elapsed_before + time.time() - epoch_start
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     n_images_total = n_images * args.world_size
     n_bad = bad_images.count if bad_images is not None else 0
@@ -256,11 +336,12 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     """
     # ============ optionally resume training ... ============
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    to_restore = {"epoch": 0, "log_history": []}
+    to_restore = {"epoch": 0, "log_history": [], "position": None}
     checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, check=check_checkpoint,
                                                student=student, optimizer=optimizer, fp16_scaler=fp16_scaler,
                                                **state)
     start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
+    position = to_restore["position"]  # set when the checkpoint was written inside an epoch
     log_path = os.path.join(args.output_dir, "log.txt")
     if checkpoint is not None:
         rng_states = checkpoint.get("rng_states") or []
@@ -271,35 +352,69 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
         del checkpoint
     else:
         utils.sync_log_with_checkpoint(log_path, None)
+    if position is not None and len(position["ranks"]) != args.world_size:
+        raise utils.UserError(
+            f"{checkpoint_path} was written in the middle of epoch {start_epoch} by {len(position['ranks'])} "
+            f"processes; resume it with the same number of processes (this run has {args.world_size})")
 
-    start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch, args,
-                                      fp16_scaler, autocast, bad_images, after_step)
-
-        # ============ writing logs ... ============
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        if knn_datasets and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
-            log_stats.update(online_knn(knn_backbone, knn_datasets, args, autocast, knn_who))
-        log_history.append(log_stats)
-        rng_states = [utils.get_rng_state()]
+    def save_checkpoint(epochs_done: int, rank_position: Optional[Dict] = None) -> None:
+        """checkpoint.pth after `epochs_done` epochs, plus, inside an epoch, every rank's position in it."""
+        per_rank = [(utils.get_rng_state(), rank_position)]
         if args.world_size > 1:
-            rng_states = [None] * args.world_size
-            dist.all_gather_object(rng_states, utils.get_rng_state())
+            per_rank = [None] * args.world_size
+            dist.all_gather_object(per_rank, (utils.get_rng_state(), rank_position))
         save_dict = {'student': ddp_state_dict(student)}
         save_dict.update({k: v.state_dict() for k, v in state.items() if v is not None})
-        save_dict.update({'optimizer': optimizer.state_dict(), 'epoch': epoch + 1, 'args': plain_args(args),
-                          'rng_states': rng_states, 'log_history': log_history, **(extra_checkpoint or {})})
+        save_dict.update({'optimizer': optimizer.state_dict(), 'epoch': epochs_done, 'args': plain_args(args),
+                          'rng_states': [r for r, _ in per_rank], 'log_history': log_history,
+                          **(extra_checkpoint or {})})
+        if rank_position is not None:
+            save_dict['position'] = {"epoch": epochs_done, "batches": rank_position["batches"],
+                                     "ranks": [p for _, p in per_rank]}
         if fp16_scaler is not None:
             save_dict['fp16_scaler'] = fp16_scaler.state_dict()
         utils.save_on_master(save_dict, checkpoint_path)
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
-        if utils.is_main_process():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
+        if rank_position is None and args.saveckp_freq and (epochs_done - 1) % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epochs_done - 1:04}.pth'))
+
+    stop = StopSignals(args.world_size)
+    niter_per_ep = len(data_loader) // args.grad_accum_steps
+    every_iters = getattr(args, "saveckp_every_iters", 0)
+
+    def between_steps(it: int, position_fn: Callable[[], Dict]) -> None:
+        signum = stop.agreed()
+        if signum or (every_iters and (it + 1) % every_iters == 0):
+            epoch, step_in_epoch = divmod(it, niter_per_ep)
+            save_checkpoint(epoch, position_fn())
+            if signum:
+                raise stop.interrupted(signum, f"at epoch {epoch}, iteration {step_in_epoch + 1}/{niter_per_ep}",
+                                       checkpoint_path)
+
+    start_time = time.time()
+    with stop:
+        for epoch in range(start_epoch, args.epochs):
+            rank_position = position["ranks"][args.rank] if position and position["epoch"] == epoch else None
+            start = rank_position["batches"] * args.batch_size_per_gpu if rank_position else 0
+            data_loader.sampler.set_epoch(epoch, start)
+            train_stats = train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch,
+                                          args, fp16_scaler, autocast, bad_images, after_step, rank_position,
+                                          between_steps)
+            data_loader.sampler.set_epoch(epoch, 0)
+            position = None
+
+            # ============ writing logs ... ============
+            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+            if knn_datasets and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
+                log_stats.update(online_knn(knn_backbone, knn_datasets, args, autocast, knn_who))
+            log_history.append(log_stats)
+            save_checkpoint(epoch + 1)
+            if utils.is_main_process():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(log_stats) + "\n")
+                utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
+            signum = stop.agreed()
+            if signum and epoch + 1 < args.epochs:
+                raise stop.interrupted(signum, f"after epoch {epoch}", checkpoint_path)
     total_time = time.time() - start_time
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
     if utils.is_main_process():

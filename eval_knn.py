@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         or Meta DINOv3 state_dict). Empty: random weights (never a download).""")
     parser.add_argument('--use_cuda', default=True, type=utils.bool_flag,
                         help="Should we store the features on GPU? We recommend setting this to False if you encounter OOM")
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_tiny/small/base/large
+    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano/tiny/small/base/large
         (deit_* aliases), a torchvision model (resnet50) or any timm model name (vit_small_patch16_dinov3).""")
     parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
     parser.add_argument("--checkpoint_key", default="teacher", type=str,

@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="""Whether or not to concatenate the global average pooled features to the [CLS] token.
         We typically set this to False for ViT-Small and to True with ViT-Base. `both`: train heads with and without
         it in the same pass (with every --lrs value) and keep the best. ViTs only.""")
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_tiny/small/base/large
+    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano/tiny/small/base/large
         (deit_* aliases), a torchvision model (resnet50) or any timm model name. Non-ViTs give the linear head
         model(images).""")
     parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')

@@ -30,7 +30,7 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
 
     # Model parameters
     parser.add_argument('--arch', default='vit_small', type=str,
-                        help="""Name of architecture to train: vit_tiny, vit_small, vit_base, vit_large (deit_tiny
+                        help="""Name of architecture to train: vit_nano, vit_tiny, vit_small, vit_base, vit_large (deit_tiny
         and deit_small are aliases), any torchvision classification model (e.g. resnet50) or any timm model
         name (e.g. xcit_small_12_p16_224). Weights are never downloaded.""")
     parser.add_argument('--patch_size', default=16, type=int, help="""Size in pixels of input square patches
@@ -110,6 +110,9 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         generated shapes dataset (no download).""")
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
+    parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth every
+        x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
+        of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
     engine.add_knn_args(parser)
     parser.add_argument('--num_workers', default=None, type=int,
@@ -135,7 +138,7 @@ def check_args(args: argparse.Namespace) -> None:
                  "local_crops_size", "patch_size", "print_freq"):
         require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
-                 "saveckp_freq", "lr", "min_lr", "clip_grad", "drop_path_rate"):
+                 "saveckp_freq", "saveckp_every_iters", "lr", "min_lr", "clip_grad", "drop_path_rate"):
         require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
     require(args.knn_eval_freq >= 1, f"--knn_eval_freq must be at least 1, got {args.knn_eval_freq}")
     require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")

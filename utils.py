@@ -35,15 +35,32 @@ class UserError(Exception):
     """An error the user can fix (bad path, flag, file): scripts print its message alone, no traceback."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (SIGTERM, SIGINT, SIGUSR2) after writing a checkpoint of its exact
+    position; running the same command again resumes there. `previous_handler` is the handler that the
+    signal had before training took it over (submitit's requeue handler in a SLURM job)."""
+
+    def __init__(self, signum: int, message: str, previous_handler: Any = None):
+        super().__init__(message)
+        self.signum = signum
+        self.previous_handler = previous_handler
+
+
 def run_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run a script's `main(args)`, turning a UserError into one clear line on stderr and exit code 2."""
+    """Run a script's `main(args)`, turning a UserError into one clear line on stderr and exit code 2, and
+    a TrainingInterrupted into its message and the usual exit code of the signal (128 + number)."""
+    rank = lambda: f"[rank {get_rank()}] " if get_world_size() > 1 else ""  # noqa: E731
     try:
         main(args)
     except UserError as e:
-        rank = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
-        sys.stderr.write(f"{rank}error: {e}\n")
+        sys.stderr.write(f"{rank()}error: {e}\n")
         sys.stderr.flush()
         sys.exit(2)
+    except TrainingInterrupted as e:
+        if is_main_process():
+            sys.stderr.write(f"{e}\n")
+            sys.stderr.flush()
+        sys.exit(128 + e.signum)
 
 
 def bool_flag(s: str) -> bool:
@@ -300,7 +317,7 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
 
 
-VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+VIT_ARCHS = ("vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large")
 DEIT_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small", "deit_base": "vit_base"}
 
 
@@ -331,7 +348,7 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
                    **vit_kwargs) -> Tuple[nn.Module, int]:
     """Backbone without classifier, and its feature width, for `--arch`.
 
-    Our ViTs (vit_tiny/small/base/large, and the official deit_* aliases), any torchvision classification
+    Our ViTs (vit_nano/tiny/small/base/large, and the official deit_* aliases), any torchvision classification
     model, or any timm model name. Never downloads weights.
     """
     import vision_transformer as vits
@@ -739,11 +756,21 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Running totals and counts (what the epoch averages need), for a mid-epoch checkpoint."""
+        return {k: {"total": m.total.cpu() if isinstance(m.total, torch.Tensor) else m.total, "count": m.count}
+                for k, m in self.meters.items()}
+
+    def load_state_dict(self, state: Dict[str, Dict[str, Any]]) -> None:
+        for k, v in state.items():
+            self.meters[k].total, self.meters[k].count = v["total"], v["count"]
+
     def log_every(self, iterable: Iterable, print_freq: int, header: Optional[str] = None,
-                  images_per_iter: Optional[int] = None, total: Optional[int] = None):
+                  images_per_iter: Optional[int] = None, total: Optional[int] = None, start: int = 0):
         """Yield from `iterable`, printing progress, ETA, iteration/data time (and images/s) every
-        `print_freq` iterations and at the last one."""
-        i = 0
+        `print_freq` iterations and at the last one. `start`: the index of the first item (an epoch
+        resumed in its middle)."""
+        i = start
         header = header or ''
         total = len(iterable) if total is None else total
         start_time = end = time.time()
@@ -768,7 +795,7 @@ class MetricLogger:
             end = time.time()
         total_time = time.time() - start_time
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
-              f"({total_time / max(total, 1):.4f} s / it)", flush=True)
+              f"({total_time / max(total - start, 1):.4f} s / it)", flush=True)
 
 
 def get_sha() -> str:

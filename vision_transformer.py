@@ -246,6 +246,12 @@ def _vit(patch_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs) 
                              mlp_ratio=4, qkv_bias=True, **kwargs)
 
 
+def vit_nano(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    # Not in the official repo: a 2.4M-parameter student for distillation and CPU experiments
+    # (head dimension 64 like the others).
+    return _vit(patch_size, 128, 12, 2, **kwargs)
+
+
 def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
     return _vit(patch_size, 192, 12, 3, **kwargs)
 

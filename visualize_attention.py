@@ -38,7 +38,7 @@ MASK_COLOR = (1.0, 0.0, 0.0)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Visualize Self-Attention maps', add_help=False)
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_tiny, vit_small,
+    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano, vit_tiny, vit_small,
         vit_base or vit_large (deit_tiny/small/base aliases). Only these ViTs expose their attention.""")
     parser.add_argument('--patch_size', default=8, type=int, help='Patch resolution of the model.')
     parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to load
