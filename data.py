@@ -667,21 +667,33 @@ class EvalDataset(Dataset):
 
     An image that cannot be decoded gives a zero image and `error` = "path: reason" (else ""), so that
     evaluation can leave it out and name it instead of stopping or silently changing the dataset.
+
+    With a `seed`, a key `(epoch, index)` (from an EpochSampler) runs the transform under the per-sample seed
+    of (seed, epoch, index), as PretrainDataset does: random augmentations (the linear probe's training) are
+    then the same whatever the workers and wherever an epoch is resumed. A plain index, or no `seed`: unseeded.
     """
 
-    def __init__(self, base, transform: Callable):
+    def __init__(self, base, transform: Callable, seed: Optional[int] = None):
         self.base = base
         self.samples = base.samples
         self.targets = [t for _, t in base.samples]
         self.classes = base.classes
         self.loader = getattr(base, "loader", pil_loader_rgb)
         self.transform = transform
+        self.seed = seed
         self._blank = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        if self.seed is None or epoch is None:
+            return self._item(index)
+        with seeded_rng(sample_seed(self.seed, epoch, index)):
+            return self._item(index)
+
+    def _item(self, index: int):
         path, target = self.samples[index]
         try:
             return self.transform(self.loader(path)), target, ""
@@ -693,13 +705,23 @@ class EvalDataset(Dataset):
 
 def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
                       shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                      pin_memory: bool = False) -> DataLoader:
+                      pin_memory: bool = False, epoch_sampler: bool = False) -> DataLoader:
     """DataLoader for evaluation: each of `world_size` ranks reads its share (DistributedSampler; without
     shuffling, rank r reads indices r, r + world_size, ..., and the last indices are repeated to even the
-    shares). Call `loader.sampler.set_epoch(epoch)` when shuffling."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    shares). Call `loader.sampler.set_epoch(epoch)` when shuffling.
+
+    `epoch_sampler` (training on the images, e.g. the linear probe): an EpochSampler instead, whose `(epoch,
+    index)` keys seed a seeded EvalDataset's augmentations per sample and whose `set_epoch(epoch, start)`
+    skips the batches an interrupted epoch already consumed, and a generator of the loader's own, so that
+    starting an epoch does not consume the global RNG (exact resume)."""
+    if epoch_sampler:
+        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        generator = None  # the DataLoader's default
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker)
+                      pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=_seed_worker, generator=generator)
 
 
 class BadImageTracker:

@@ -73,6 +73,8 @@ def setup_run(args: argparse.Namespace) -> None:
     """What every training script does first: processes, seeds, data workers, the flags in the log, and a
     writable output folder (checked before any training)."""
     utils.init_distributed_mode(args)
+    per_rank = {"rank", "gpu", "local_rank", "device", "dist_url"}
+    utils.check_same_on_all_ranks({k: str(v) for k, v in vars(args).items() if k not in per_rank}, "their flags")
     utils.fix_random_seeds(args.seed + args.rank)
     if args.num_workers is None:
         args.num_workers = default_num_workers()
@@ -85,6 +87,7 @@ def setup_run(args: argparse.Namespace) -> None:
 
 def steps_per_epoch(dataset, data_loader, args: argparse.Namespace) -> int:
     """Optimizer steps per epoch; stops with a message when the data cannot fill one."""
+    utils.check_same_on_all_ranks({"images": len(dataset), "classes": len(dataset.base.classes)}, "the dataset")
     niter_per_ep = len(data_loader) // args.grad_accum_steps
     if niter_per_ep == 0:
         raise utils.UserError(
@@ -94,6 +97,11 @@ def steps_per_epoch(dataset, data_loader, args: argparse.Namespace) -> int:
     print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
           f"{niter_per_ep} optimizer steps per epoch.")
     return niter_per_ep
+
+
+NONFINITE_ADVICE = ("Try a lower --lr, a longer --warmup_epochs, fp32 (--use_fp16 false), a larger "
+                    "--freeze_last_layer, gradient clipping (--clip_grad 0.3), or a lower --teacher_temp; "
+                    "--skip_nonfinite N skips up to N such steps instead of stopping.")
 
 
 def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
@@ -107,9 +115,30 @@ def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Opti
     raise utils.UserError(
         f"Loss is {value if not math.isfinite(value) else 'not finite'} at epoch {epoch}, {where}: stopping "
         f"training. The last good checkpoint ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
-        "untouched and the run resumes from it. Try a lower --lr, a longer --warmup_epochs, fp32 "
-        "(--use_fp16 false), a larger --freeze_last_layer, gradient clipping (--clip_grad 0.3), or a lower "
-        "--teacher_temp.")
+        f"untouched and the run resumes from it. {NONFINITE_ADVICE}")
+
+
+def finite_step(student: nn.Module, loss: torch.Tensor, epoch: int, it: int, args) -> bool:
+    """--skip_nonfinite N: whether this step's gradients (all-reduced, so the same on every rank) and loss are
+    finite; a non-finite step is skipped (one host-device synchronisation per step, only in this mode) and
+    counted in `args.nonfinite_skipped`; the run stops at the (N+1)-th."""
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    finite = torch.isfinite(loss).to(torch.float32)
+    if grads:
+        finite = finite * torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).to(finite.device)
+    if utils.is_dist_avail_and_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the loss may be non-finite on one rank only
+    if bool(finite):
+        return True
+    args.nonfinite_skipped = getattr(args, "nonfinite_skipped", 0) + 1
+    if args.nonfinite_skipped > args.skip_nonfinite:
+        raise utils.UserError(
+            f"Non-finite loss or gradients at epoch {epoch}, iteration {it}, after {args.skip_nonfinite} skipped "
+            f"step(s) (--skip_nonfinite): stopping training. The last good checkpoint "
+            f"({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is untouched. {NONFINITE_ADVICE}")
+    print(f"WARNING: non-finite loss or gradients at epoch {epoch}, iteration {it}: step skipped "
+          f"({args.nonfinite_skipped} of at most {args.skip_nonfinite})")
+    return False
 
 
 class StopSignals:
@@ -186,6 +215,7 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     accum = args.grad_accum_steps
     niter_per_ep = len(data_loader) // accum
     check_every_step = args.device.type == "cpu"  # reading the loss costs nothing there
+    skip_nonfinite = getattr(args, "skip_nonfinite", 0) > 0
     all_finite = torch.ones((), dtype=torch.bool, device=args.device)
     images_per_iter = args.batch_size_per_gpu * args.world_size
     epoch_start, n_images, elapsed_before, start_batch = time.time(), 0, 0.0, 0
@@ -197,13 +227,14 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         print(f"Resuming epoch {epoch} at batch {start_batch} of {len(data_loader)}")
 
     def position_fn() -> Dict[str, Any]:
-        check_finite(loss, epoch, it_local, args, None if check_every_step else all_finite)
+        if not skip_nonfinite:
+            check_finite(loss, epoch, it_local, args, None if check_every_step else all_finite)
         return {"batches": it_local + 1, "n_images": n_images, "meters": metric_logger.state_dict(),
                 "elapsed": elapsed_before + time.time() - epoch_start,
                 "bad_images": dict(bad_images.seen) if bad_images is not None else {}}
 
     it_local = start_batch - 1
-    loss = torch.zeros(())
+    loss = step_loss = torch.zeros(())
     for it_local, (batch, _, bad) in enumerate(metric_logger.log_every(
             data_loader, args.print_freq, header, images_per_iter=images_per_iter, start=start_batch),
             start=start_batch):
@@ -231,16 +262,25 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
             else:
                 fp16_scaler.scale(loss / accum).backward()
         loss = loss.detach()
-        if check_every_step:
+        step_loss = loss if micro == 0 else step_loss + loss
+        n_images += len(bad)
+        if skip_nonfinite:
+            pass  # decided on the whole step below
+        elif check_every_step:
             check_finite(loss, epoch, it_local, args)
         else:
             all_finite &= torch.isfinite(loss)
             if it_local % args.print_freq == 0:
                 check_finite(loss, epoch, it_local, args, all_finite)
-        metric_logger.update(loss=loss, **terms)
-        n_images += len(bad)
         if not last_micro:
+            metric_logger.update(loss=loss, **terms)
             continue
+        if skip_nonfinite and not finite_step(student, step_loss, epoch, it, args):
+            optimizer.zero_grad(set_to_none=True)
+            if fp16_scaler is not None:
+                fp16_scaler.update()
+            continue  # the step is not applied (no update, no EMA)
+        metric_logger.update(loss=loss, **terms)
 
         # student update
         if fp16_scaler is not None and args.clip_grad:
@@ -260,7 +300,8 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         if between_steps is not None and step_in_epoch + 1 < niter_per_ep:
             between_steps(it, position_fn)
-    check_finite(loss, epoch, it_local, args, all_finite)
+    if not skip_nonfinite:
+        check_finite(loss, epoch, it_local, args, all_finite)
 
     # gather the stats from all processes
     metric_logger.synchronize_between_processes()
@@ -336,12 +377,15 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     """
     # ============ optionally resume training ... ============
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    to_restore = {"epoch": 0, "log_history": [], "position": None}
+    if utils.is_main_process():
+        utils.remove_stale_temporaries(args.output_dir)
+    to_restore = {"epoch": 0, "log_history": [], "position": None, "nonfinite_skipped": 0}
     checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, check=check_checkpoint,
                                                student=student, optimizer=optimizer, fp16_scaler=fp16_scaler,
                                                **state)
     start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
     position = to_restore["position"]  # set when the checkpoint was written inside an epoch
+    args.nonfinite_skipped = to_restore["nonfinite_skipped"]  # --skip_nonfinite counts over the whole run
     log_path = os.path.join(args.output_dir, "log.txt")
     if checkpoint is not None:
         rng_states = checkpoint.get("rng_states") or []
@@ -367,6 +411,7 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
         save_dict.update({k: v.state_dict() for k, v in state.items() if v is not None})
         save_dict.update({'optimizer': optimizer.state_dict(), 'epoch': epochs_done, 'args': plain_args(args),
                           'rng_states': [r for r, _ in per_rank], 'log_history': log_history,
+                          'nonfinite_skipped': args.nonfinite_skipped,
                           **(extra_checkpoint or {})})
         if rank_position is not None:
             save_dict['position'] = {"epoch": epochs_done, "batches": rank_position["batches"],

@@ -17,7 +17,10 @@ RandomResizedCrop and flips. Beyond it:
 - Unreadable images are named once and left out; `--evaluate` tests linear weights, ours or official.
 
 Runs on CPU, one GPU or under torchrun. Restarting the same command resumes from
-`output_dir/checkpoint.pth.tar`.
+`output_dir/checkpoint.pth.tar`. SIGTERM, SIGINT or SIGUSR2 (what SLURM and submitit send before a timeout or
+a preemption) finish the current iteration, checkpoint the exact position inside the epoch and stop; the same
+command then continues at the next iteration, with the same samples and augmentations, as if never stopped
+(`--saveckp_every_iters` also writes such checkpoints periodically, for crashes without a signal).
 """
 import argparse
 import contextlib
@@ -35,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import engine
 import eval_knn
 import utils
 
@@ -98,6 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', default=0, type=int, help="""Seed of the head initialisation, the shuffling and
         the augmentations (and of the random backbone when no --pretrained_weights are given).""")
     parser.add_argument('--print_freq', default=20, type=int, help='Print progress every x iterations.')
+    parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth.tar every
+        x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
+        of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
     return parser
 
 
@@ -111,6 +118,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "crop_size", "patch_size", "print_freq"):
         require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     require(args.num_workers >= 0, f"--num_workers must not be negative, got {args.num_workers}")
+    require(args.saveckp_every_iters >= 0,
+            f"--saveckp_every_iters must not be negative, got {args.saveckp_every_iters}")
     lrs = args.lrs if args.lrs is not None else [args.lr]
     require(all(lr > 0 and math.isfinite(lr) for lr in lrs), f"learning rates must be positive, got {lrs}")
     require(len(set(lrs)) == len(lrs), f"--lrs has repeated values: {lrs}")
@@ -254,13 +263,30 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, readable: torch
 
 def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, num_batches: int,
                     names: Sequence[str], device: torch.device, epoch: int, print_freq: int = 20,
-                    to_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, Dict[str, float]]:
+                    to_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    position: Optional[Dict] = None, between_steps: Optional[Callable[[int, Callable], None]] = None
+                    ) -> Dict[str, Dict[str, float]]:
     """One epoch of every head over `batches` of (images or features, labels, readable); `to_features` turns
-    a batch of images into backbone features (None: the batches hold features). Returns {name: {loss, lr}}."""
+    a batch of images into backbone features (None: the batches hold features). Returns {name: {loss, lr}}.
+
+    Mid-epoch resume: `position` (this rank's, from `between_steps`) continues the epoch after its first
+    `position["batches"]` batches, which `batches` must already leave out. `between_steps(it, position_fn)` runs
+    after every optimizer step but the epoch's last; `position_fn()` returns this rank's position, for a
+    checkpoint."""
     heads.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = 'Epoch: [{}]'.format(epoch)
-    for inputs, target, readable in metric_logger.log_every(batches, print_freq, header, total=num_batches):
+    start = 0
+    if position:
+        start = position["batches"]
+        metric_logger.load_state_dict(position["meters"])  # the epoch averages include the batches before
+        print(f"Resuming epoch {epoch} at batch {start} of {num_batches}")
+
+    def position_fn() -> Dict:
+        return {"batches": it + 1, "meters": metric_logger.state_dict()}
+
+    for it, (inputs, target, readable) in enumerate(
+            metric_logger.log_every(batches, print_freq, header, total=num_batches, start=start), start=start):
         inputs = inputs.to(device, non_blocking=True)
         target, readable = target.to(device, non_blocking=True), readable.to(device, non_blocking=True)
         features = to_features(inputs) if to_features is not None else inputs
@@ -272,11 +298,27 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
         optimizer.step()
         losses = losses.detach()
         metric_logger.update(**{f"loss/{name}": losses[i] for i, name in enumerate(names)})
+        if between_steps is not None and it + 1 < num_batches:
+            between_steps(it, position_fn)
     # gather the stats from all processes
     metric_logger.synchronize_between_processes()
     # the lr of each head is constant within an epoch (the scheduler steps per epoch)
     return {name: {"loss": metric_logger.meters[f"loss/{name}"].global_avg, "lr": optimizer.param_groups[i]["lr"]}
             for i, name in enumerate(names)}
+
+
+def check_finite_state(heads: LinearHeads, names: Sequence[str], ranks: Sequence[Dict], epoch: int, batches: int,
+                       checkpoint_path: str) -> None:
+    """Refuse to checkpoint a diverged head (non-finite weights, or a non-finite loss on any rank so far this
+    epoch): the run would resume it. The same decision on every rank (`ranks`: every rank's position)."""
+    bad = [name for head, name in zip(heads.heads, names)
+           if not all(torch.isfinite(p).all() for p in head.parameters())
+           or not all(math.isfinite(float(r["meters"][f"loss/{name}"]["total"])) for r in ranks)]
+    if bad:
+        raise utils.UserError(
+            f"the loss or weights of head(s) {', '.join(bad)} are not finite at epoch {epoch}, batch {batches}: "
+            f"stopping without writing this state; the last checkpoint ({checkpoint_path}, if any) is untouched. "
+            "Use lower learning rates (--lr/--lrs).")
 
 
 @torch.no_grad()
@@ -443,7 +485,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
     heads = heads_without_ddp
     if world_size > 1:
         heads = nn.parallel.DistributedDataParallel(heads, device_ids=[args.gpu] if device.type == "cuda" else None)
-    utils.fix_random_seeds(args.seed + rank)  # the augmentations differ between ranks
+    utils.fix_random_seeds(args.seed + rank)  # any randomness but the (per-sample seeded) augmentations
     print(f"{len(configs)} linear head(s) on {args.arch} features: " + ", ".join(
         f"lr {lr:g} avgpool {a} ({heads_without_ddp.input_dim(a)} dims)" for lr, a in configs))
 
@@ -470,11 +512,15 @@ def eval_linear(args: argparse.Namespace) -> Dict:
         to_features = None
     else:
         if args.train_augmentation:
-            dataset_train = data.EvalDataset(dataset_train.base, train_transform(args.crop_size))
+            # seeded per sample from (seed, epoch, index): the same augmentations whatever the workers, and
+            # after a mid-epoch resume
+            dataset_train = data.EvalDataset(dataset_train.base, train_transform(args.crop_size), seed=args.seed)
         else:
             print("--train_augmentation false: the train images get the val transform.")
+        # an EpochSampler, whose set_epoch(epoch, start) skips the batches of an interrupted epoch unread
         train_loader = data.build_eval_loader(dataset_train, args.batch_size_per_gpu, args.num_workers, rank,
-                                              world_size, shuffle=True, seed=args.seed, pin_memory=pin_memory)
+                                              world_size, shuffle=True, seed=args.seed, pin_memory=pin_memory,
+                                              epoch_sampler=True)
         train_sampler = train_loader.sampler
         to_features = make_feature_fn(any(avgpools))
 
@@ -492,8 +538,19 @@ def eval_linear(args: argparse.Namespace) -> Dict:
             raise utils.UserError(f"{checkpoint_path} belongs to another run ({saved_config}; this run: {run_config}): "
                                   "use the same --lrs/--lr, --avgpool_patchtokens, --arch and --n_last_blocks, or "
                                   "another --output_dir")
+        saved_position = saved.get("position")
+        # a position inside an epoch counts each rank's batches: it means the same samples only with the same
+        # shares and batches
+        if saved_position is not None and (len(saved_position["ranks"]), saved_position["batch_size_per_gpu"]) != (
+                world_size, args.batch_size_per_gpu):
+            raise utils.UserError(
+                f"{checkpoint_path} was written in the middle of epoch {saved_position['epoch']} by "
+                f"{len(saved_position['ranks'])} processes with --batch_size_per_gpu "
+                f"{saved_position['batch_size_per_gpu']}; resume it with the same (this run: {world_size} processes, "
+                f"--batch_size_per_gpu {args.batch_size_per_gpu})")
         del saved
-    to_restore = {"epoch": 0, "best_acc": 0., "best_head": None, "state_dict": None, "log_history": []}
+    to_restore = {"epoch": 0, "best_acc": 0., "best_head": None, "state_dict": None, "log_history": [],
+                  "position": None}
     checkpoint = utils.restart_from_checkpoint(
         checkpoint_path,
         run_variables=to_restore,
@@ -504,6 +561,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
     start_epoch, best_acc = to_restore["epoch"], to_restore["best_acc"]
     best_head, best_state_dict = to_restore["best_head"], to_restore["state_dict"]
     log_history = list(to_restore["log_history"])
+    position = to_restore["position"]  # set when the checkpoint was written inside epoch start_epoch
     log_path = os.path.join(args.output_dir, "log.txt")
     if checkpoint is not None:
         print(f"Resuming at epoch {start_epoch} (best top-1 so far {best_acc:.2f}%).")
@@ -519,58 +577,11 @@ def eval_linear(args: argparse.Namespace) -> Dict:
     else:
         utils.sync_log_with_checkpoint(log_path, None)
 
-    start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        if args.cache_features:
-            batches = cached_batches(train_features, train_labels, train_readable, list(train_sampler),
-                                     args.batch_size_per_gpu)
-        else:
-            batches = loader_batches(train_loader, train_errors)
-        train_stats = train_one_epoch(heads, optimizer, batches, num_batches, names, device, epoch,
-                                      args.print_freq, to_features)
-        scheduler.step()
-        epoch_time = time.time() - epoch_start
-        print(f"Epoch {epoch} trained in {epoch_time:.2f} s")
-        if not args.cache_features:
-            name_unreadable(all_ranks_errors(train_errors), "train", named)
-            train_errors.clear()
-
-        shown = best_head["index"] if best_head else 0  # the head whose stats carry the official keys
-        log_stats: Dict = {}
-        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            test_stats = validate(heads_without_ddp, val_features, val_labels, val_readable)
-            shown = best_index(test_stats)
-            for name, s in zip(names, test_stats):
-                print(f"* {name}: Acc@1 {s['acc1']:.3f}" + (f" Acc@5 {s['acc5']:.3f}" if "acc5" in s else "")
-                      + f" loss {s['loss']:.3f}")
-            print(f"Accuracy at epoch {epoch} of the network on the {int(val_readable.sum())} test images: "
-                  f"{test_stats[shown]['acc1']:.1f}%" + (f" (best head {names[shown]})" if len(names) > 1 else ""))
-            if best_head is None or best_index([best_head, test_stats[shown]]) == 1:
-                lr, avgpool = configs[shown]
-                best_acc = test_stats[shown]["acc1"]
-                best_head = {"index": shown, "name": names[shown], "lr": lr, "avgpool": avgpool,
-                             "n_last_blocks": args.n_last_blocks, "arch": args.arch, "patch_size": args.patch_size,
-                             "epoch": epoch, "acc1": best_acc, "loss": test_stats[shown]["loss"]}
-                best_state_dict = official_state_dict(heads_without_ddp.heads[shown])
-            print(f'Max accuracy so far: {best_acc:.2f}%' + (f" ({best_head['name']}, epoch {best_head['epoch']})"
-                                                             if len(names) > 1 else ""))
-            log_stats.update({f"test_{k}": v for k, v in test_stats[shown].items()})
-            log_stats["test_num_images"] = int(val_readable.sum())
-            if len(names) > 1:
-                log_stats["test_best_head"] = names[shown]
-                for name, s in zip(names, test_stats):
-                    log_stats.update({f"test_{k}_{name}": v for k, v in s.items()})
-        # official keys first: the train stats of the head shown (this epoch's best, else the best so far)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats[names[shown]].items()},
-                     'epoch': epoch, "train_epoch_time": epoch_time, **log_stats}
-        if len(names) > 1:
-            for name in names:
-                log_stats.update({f"train_{k}_{name}": v for k, v in train_stats[name].items()})
-        log_history.append(log_stats)
+    def save_checkpoint(epoch_field: int, rank_position: Optional[Dict] = None) -> None:
+        """checkpoint.pth.tar after `epoch_field` epochs, or, with this rank's `rank_position`, inside epoch
+        `epoch_field` with every rank's position in it (gathered: every rank calls this at the same step)."""
         save_dict = {
-            "epoch": epoch + 1,
+            "epoch": epoch_field,
             "state_dict": best_state_dict,  # the best head (and epoch) in the official format
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -580,10 +591,95 @@ def eval_linear(args: argparse.Namespace) -> Dict:
             "run_config": run_config,
             "log_history": log_history,
         }
+        if rank_position is not None:
+            ranks = [rank_position]
+            if world_size > 1:
+                ranks = [None] * world_size
+                dist.all_gather_object(ranks, rank_position)
+            check_finite_state(heads_without_ddp, names, ranks, epoch_field, rank_position["batches"],
+                               checkpoint_path)
+            save_dict["position"] = {"epoch": epoch_field, "batches": rank_position["batches"],
+                                     "batch_size_per_gpu": args.batch_size_per_gpu, "ranks": ranks}
         utils.save_on_master(save_dict, checkpoint_path)
-        if utils.is_main_process():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
+
+    stop = engine.StopSignals(world_size)
+
+    def between_steps(it: int, position_fn: Callable[[], Dict]) -> None:
+        """After each optimizer step of `epoch` (but its last): on a signal (agreed by all ranks, so that they
+        stop at the same step) or every --saveckp_every_iters iterations, checkpoint the exact position."""
+        signum = stop.agreed()
+        every = args.saveckp_every_iters
+        if signum or (every and (epoch * num_batches + it + 1) % every == 0):
+            save_checkpoint(epoch, {**position_fn(), "rng": utils.get_rng_state(), "errors": list(train_errors),
+                                    "elapsed": time.time() - epoch_start})
+            if signum:
+                raise stop.interrupted(signum, f"at epoch {epoch}, iteration {it + 1}/{num_batches}", checkpoint_path)
+
+    start_time = time.time()
+    with stop:
+        for epoch in range(start_epoch, args.epochs):
+            rank_position = position["ranks"][rank] if position and position["epoch"] == epoch else None
+            skip = rank_position["batches"] * args.batch_size_per_gpu if rank_position else 0  # samples consumed
+            epoch_start = time.time() - (rank_position["elapsed"] if rank_position else 0)
+            if args.cache_features:
+                train_sampler.set_epoch(epoch)
+                batches = cached_batches(train_features, train_labels, train_readable, list(train_sampler)[skip:],
+                                         args.batch_size_per_gpu)
+            else:
+                train_sampler.set_epoch(epoch, skip)  # the consumed batches are not read again
+                batches = loader_batches(train_loader, train_errors)
+            if rank_position:
+                utils.set_rng_state(rank_position["rng"])
+                train_errors[:] = rank_position["errors"]
+            train_stats = train_one_epoch(heads, optimizer, batches, num_batches, names, device, epoch,
+                                          args.print_freq, to_features, rank_position, between_steps)
+            position = None
+            scheduler.step()
+            epoch_time = time.time() - epoch_start
+            print(f"Epoch {epoch} trained in {epoch_time:.2f} s")
+            if not args.cache_features:
+                name_unreadable(all_ranks_errors(train_errors), "train", named)
+                train_errors.clear()
+
+            shown = best_head["index"] if best_head else 0  # the head whose stats carry the official keys
+            log_stats: Dict = {}
+            if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+                test_stats = validate(heads_without_ddp, val_features, val_labels, val_readable)
+                shown = best_index(test_stats)
+                for name, s in zip(names, test_stats):
+                    print(f"* {name}: Acc@1 {s['acc1']:.3f}" + (f" Acc@5 {s['acc5']:.3f}" if "acc5" in s else "")
+                          + f" loss {s['loss']:.3f}")
+                print(f"Accuracy at epoch {epoch} of the network on the {int(val_readable.sum())} test images: "
+                      f"{test_stats[shown]['acc1']:.1f}%" + (f" (best head {names[shown]})" if len(names) > 1 else ""))
+                if best_head is None or best_index([best_head, test_stats[shown]]) == 1:
+                    lr, avgpool = configs[shown]
+                    best_acc = test_stats[shown]["acc1"]
+                    best_head = {"index": shown, "name": names[shown], "lr": lr, "avgpool": avgpool,
+                                 "n_last_blocks": args.n_last_blocks, "arch": args.arch, "patch_size": args.patch_size,
+                                 "epoch": epoch, "acc1": best_acc, "loss": test_stats[shown]["loss"]}
+                    best_state_dict = official_state_dict(heads_without_ddp.heads[shown])
+                print(f'Max accuracy so far: {best_acc:.2f}%' + (f" ({best_head['name']}, epoch {best_head['epoch']})"
+                                                                 if len(names) > 1 else ""))
+                log_stats.update({f"test_{k}": v for k, v in test_stats[shown].items()})
+                log_stats["test_num_images"] = int(val_readable.sum())
+                if len(names) > 1:
+                    log_stats["test_best_head"] = names[shown]
+                    for name, s in zip(names, test_stats):
+                        log_stats.update({f"test_{k}_{name}": v for k, v in s.items()})
+            # official keys first: the train stats of the head shown (this epoch's best, else the best so far)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats[names[shown]].items()},
+                         'epoch': epoch, "train_epoch_time": epoch_time, **log_stats}
+            if len(names) > 1:
+                for name in names:
+                    log_stats.update({f"train_{k}_{name}": v for k, v in train_stats[name].items()})
+            log_history.append(log_stats)
+            save_checkpoint(epoch + 1)
+            if utils.is_main_process():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(log_stats) + "\n")
+            signum = stop.agreed()
+            if signum and epoch + 1 < args.epochs:
+                raise stop.interrupted(signum, f"after epoch {epoch}", checkpoint_path)
     total_time = time.time() - start_time
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
     print("Training of the supervised linear classifier on frozen features completed.\n"

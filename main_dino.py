@@ -110,6 +110,9 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         generated shapes dataset (no download).""")
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
+    parser.add_argument('--skip_nonfinite', default=0, type=int, help="""A step whose loss or gradients are not
+        finite stops training (the last good checkpoint stays). With N > 0 up to N such steps are skipped (no
+        update) and counted; the (N+1)-th stops. Costs one host-device synchronisation per step on GPU.""")
     parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth every
         x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
         of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
@@ -138,14 +141,17 @@ def check_args(args: argparse.Namespace) -> None:
                  "local_crops_size", "patch_size", "print_freq"):
         require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
-                 "saveckp_freq", "saveckp_every_iters", "lr", "min_lr", "clip_grad", "drop_path_rate"):
+                 "saveckp_freq", "saveckp_every_iters", "skip_nonfinite", "lr", "min_lr", "clip_grad", "drop_path_rate"):
         require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
     require(args.knn_eval_freq >= 1, f"--knn_eval_freq must be at least 1, got {args.knn_eval_freq}")
     require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")
     require(0 <= getattr(args, "momentum_teacher", 0) <= 1,
             f"--momentum_teacher must be in [0, 1], got {getattr(args, 'momentum_teacher', None)}")
     require(0 <= args.max_bad_images_fraction <= 1, "--max_bad_images_fraction must be in [0, 1]")
-    require(args.teacher_temp > 0 and args.warmup_teacher_temp > 0, "teacher temperatures must be positive")
+    for name in ("teacher_temp", "warmup_teacher_temp"):
+        # The teacher must be sharper than the student (temperature 0.1): above, nothing prevents collapse.
+        require(0 < getattr(args, name) <= 0.1, f"--{name} must be in (0, 0.1] (the student's temperature is "
+                f"0.1; DINO uses 0.04-0.07), got {getattr(args, name)}")
     arch = utils.DEIT_ALIASES.get(args.arch, args.arch)
     if arch in utils.VIT_ARCHS:
         for name in ("global_crops_size", "local_crops_size"):

@@ -181,6 +181,21 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         print(f"Running as a single process on {args.device}.")
 
 
+def check_same_on_all_ranks(values: Dict[str, Any], what: str) -> None:
+    """Stop, on every rank, when `values` differ between ranks (e.g. flags, or dataset sizes when a node sees
+    another copy of the data): such a run would train something nobody asked for, or hang."""
+    if not is_dist_avail_and_initialized():
+        return
+    gathered: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, values)
+    differing = sorted(k for k in values if any(g.get(k) != values[k] for g in gathered))
+    if differing:
+        details = "; ".join(f"{k}: " + ", ".join(f"rank {r}={g.get(k)!r}" for r, g in enumerate(gathered))
+                            for k in differing[:5])
+        raise UserError(f"the processes disagree on {what} ({details}): start every process with the same "
+                        "command and the same data")
+
+
 def save_on_master(obj: Any, f: str) -> None:
     """Write `obj` to `f` atomically, from the master process only."""
     if is_main_process():
@@ -411,6 +426,29 @@ def save_checkpoint(obj: Any, path: str) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Remove the temporary files of checkpoint writes that a killed process left in `directory`."""
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = re.fullmatch(r"\..+\.tmp(\d+)", name)
+        if match and not _process_alive(int(match.group(1))):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from no write in progress
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:

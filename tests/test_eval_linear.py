@@ -1,16 +1,24 @@
 """eval_linear.py: the official linear probe, several heads in one pass, cached features, resume, --evaluate,
-torchrun accounting, unreadable images and flag errors. Tiny: vit_tiny on 32-px images, a few dozen of them."""
+torchrun accounting, unreadable images, flag errors, and the exact mid-epoch resume after a signal or a crash. Tiny: vit_tiny on 32-px images, a few dozen of them."""
 import argparse
+import fcntl
 import json
 import math
+import os
+import random
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import eval_linear
 import utils
 from conftest import REPO_ROOT, make_subset, run_cmd
@@ -335,3 +343,171 @@ def test_real_cifar_subset(cifar_subset, cifar10_root, tmp_path, capsys):
     for name in ("lr0.01", "lr0.1"):
         losses = [r[f"train_loss_{name}"] for r in log]
         assert all(b < a for a, b in zip(losses, losses[1:])), (name, losses)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mid-epoch exact resume: a run stopped by a signal (or killed after a periodic mid-epoch checkpoint) and
+# started again ends with the same heads and the same log as a run never stopped
+# ----------------------------------------------------------------------------------------------------
+# 8 heads and batches of one image: 24 iterations per epoch, each printing a progress line of ~360 bytes.
+RESUME = [*TINY, "--batch_size_per_gpu", 1, "--print_freq", 1, "--epochs", 2, "--lrs", 0.001, 0.01, 0.1, 0.3,
+          "--avgpool_patchtokens", "both"]
+TIMING_KEYS = {"train_epoch_time"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same threads in every run of a comparison: the same bits
+
+
+def script(data_path, out_dir, *flags):
+    return [sys.executable, REPO_ROOT / "eval_linear.py", "--data_path", data_path, "--output_dir", out_dir,
+            *RESUME, *flags]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def kill_group(pgid, signum=signal.SIGKILL):
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def stop_when(cmd, pattern, send, timeout=300):
+    """Run `cmd` in a session of its own (a signal to the group reaches its data-loader workers too, as on
+    SLURM); when a line of its output matches `pattern`, call `send(proc)`; return (exit code, output).
+
+    The output comes through a pipe of one page, read byte by byte: the run cannot get more than a page (a few
+    progress lines) ahead of the line matched, so that what `send` does lands within a few iterations of it
+    however loaded the machine. The process group is always killed in the end."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", **ONE_THREAD)
+    proc = subprocess.Popen([str(a) for a in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            bufsize=0, start_new_session=True)
+    watchdog = threading.Timer(timeout, kill_group, (proc.pid,))
+    lines, sent = [], False
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        watchdog.start()
+        for line in iter(proc.stdout.readline, b""):
+            lines.append(line.decode(errors="replace"))
+            if not sent and re.search(pattern, lines[-1]):
+                send(proc)
+                sent = True
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        kill_group(proc.pid)  # never leave a run or its workers behind, whatever failed
+        proc.wait()
+        proc.stdout.close()
+    assert sent, "the pattern never appeared:\n" + "".join(lines[-30:])
+    return proc.returncode, "".join(lines)
+
+
+def assert_same_run(ref, resumed):
+    """The same log (but timings) and bit-identical heads, best head and optimizer state."""
+    ref_log, res_log = read_log(ref), read_log(resumed)
+    assert [r["epoch"] for r in res_log] == [r["epoch"] for r in ref_log], "every epoch logged exactly once"
+    for a, b in zip(ref_log, res_log):
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == \
+               {k: v for k, v in b.items() if k not in TIMING_KEYS}
+    a, b = load(ref / "checkpoint.pth.tar"), load(resumed / "checkpoint.pth.tar")
+    for key in ("heads", "state_dict"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["best_head"] == b["best_head"] and a["epoch"] == b["epoch"] == 2
+    assert "position" not in b, "a finished run's checkpoint is an epoch checkpoint"
+
+
+def progress_batches(stdout, epoch):
+    return [int(b) for b in re.findall(rf"Epoch: \[{epoch}\]\s+\[\s*(\d+)/24\]", stdout)]
+
+
+@pytest.fixture(scope="module")
+def cached_reference(colours, tmp_path_factory):
+    """The uninterrupted --cache_features run that the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("cached_reference")
+    run_cmd(script(colours, out, "--cache_features"), env=ONE_THREAD)
+    return out
+
+
+def test_eval_dataset_seeds_augmentations_per_sample(colours):
+    base = data.build_dataset(str(colours / "train"))
+    dataset = data.EvalDataset(base, eval_linear.train_transform(16), seed=0)
+    torch.manual_seed(1)
+    first = dataset[(1, 3)][0]
+    torch.manual_seed(2)
+    random.seed(2)
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[(1, 3)][0], first), "a function of (seed, epoch, index) alone"
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG is left as it was"
+    assert not torch.equal(dataset[(2, 3)][0], first), "another epoch, another crop"
+    # without a seed, or with a plain index (eval_knn), nothing changes: the global RNG draws
+    unseeded = data.EvalDataset(base, eval_linear.train_transform(16))
+    unseeded[(1, 3)]
+    assert not torch.equal(torch.get_rng_state(), state)
+    assert dataset[3][1] == dataset[(1, 3)][1] == base.samples[3][1]
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(colours, cached_reference, tmp_path):
+    stopped = tmp_path / "stopped"
+    cmd = script(colours, stopped, "--cache_features")
+    code, out = stop_when(cmd, r"Epoch: \[0\]\s+\[ 1/24\]", lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert "Received SIGTERM" in out and "Traceback" not in out
+    stopped_at = re.search(r"Stopped by SIGTERM at epoch 0, iteration (\d+)/24; the checkpoint \S+ holds this "
+                           r"exact position: run the same command again to resume there.", out)
+    assert stopped_at, out[-2000:]
+    ckpt = load(stopped / "checkpoint.pth.tar")
+    batches = ckpt["position"]["batches"]
+    assert ckpt["epoch"] == 0 and int(stopped_at.group(1)) == batches and 2 <= batches < 24
+    assert not (stopped / "log.txt").exists() or not (stopped / "log.txt").read_text().strip()
+
+    # a position inside an epoch means the same samples only with the same processes
+    other = tmp_path / "other"
+    shutil.copytree(stopped, other)
+    ckpt["position"]["ranks"] *= 2
+    torch.save(ckpt, other / "checkpoint.pth.tar")
+    with pytest.raises(utils.UserError, match=r"in the middle of epoch 0 by 2 processes .* resume it with the same"):
+        run("--data_path", colours, "--output_dir", other, *RESUME, "--cache_features")
+
+    proc = run_cmd(cmd, env=ONE_THREAD)
+    assert f"Resuming epoch 0 at batch {batches} of 24" in proc.stdout
+    # the consumed batches are not trained again: the epoch goes on at the next one
+    assert progress_batches(proc.stdout, 0) == list(range(batches, 24))
+    assert_same_run(cached_reference, stopped)
+
+
+def test_augmented_images_with_workers_resume_exactly(colours, tmp_path):
+    """The image path: RandomResizedCrop and flips in 2 data-loader workers, stopped by SLURM's SIGUSR2. The
+    reference loads in the main process: the augmentations depend on neither the workers nor the resume."""
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    run_cmd(script(colours, ref, "--num_workers", 0), env=ONE_THREAD)
+    cmd = script(colours, stopped, "--num_workers", 2)
+    code, out = stop_when(cmd, r"Epoch: \[1\]\s+\[ 1/24\]", lambda p: os.killpg(p.pid, signal.SIGUSR2))
+    assert code == 128 + signal.SIGUSR2, out[-3000:]
+    assert re.search(r"Stopped by SIGUSR2 at epoch 1, iteration \d+/24", out) and "Traceback" not in out
+    ckpt = load(stopped / "checkpoint.pth.tar")
+    batches = ckpt["position"]["batches"]
+    assert ckpt["epoch"] == 1 and 2 <= batches < 24 and len(read_log(stopped)) == 1
+
+    proc = run_cmd(cmd, env=ONE_THREAD)
+    assert f"Resuming epoch 1 at batch {batches} of 24" in proc.stdout
+    assert progress_batches(proc.stdout, 1) == list(range(batches, 24))
+    assert_same_run(ref, stopped)
+
+
+def test_kill9_after_periodic_mid_epoch_checkpoint(colours, cached_reference, tmp_path):
+    """--saveckp_every_iters: a crash without any signal loses at most that many iterations."""
+    killed = tmp_path / "killed"
+    cmd = script(colours, killed, "--cache_features", "--saveckp_every_iters", 5)
+    # every 5 iterations of the run: after global iterations 4, 9, ..., 34, i.e. epoch 1's batch 11 has been
+    # checkpointed when the progress line of its iteration 10 (printed after the step) appears
+    code, _ = stop_when(cmd, r"Epoch: \[1\]\s+\[10/24\]", lambda p: os.killpg(p.pid, signal.SIGKILL))
+    assert code == -signal.SIGKILL
+    ckpt = load(killed / "checkpoint.pth.tar")
+    assert ckpt["epoch"] == 1 and ckpt["position"]["batches"] in (11, 16, 21)
+    proc = run_cmd(cmd, env=ONE_THREAD)
+    assert f"Resuming epoch 1 at batch {ckpt['position']['batches']} of 24" in proc.stdout
+    assert_same_run(cached_reference, killed)

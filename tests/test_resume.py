@@ -56,15 +56,19 @@ def stop_when(cmd, pattern, send, timeout=600):
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines, sent, deadline = [], False, time.time() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if not sent and re.search(pattern, line):
-            send(proc)
-            sent = True
-        if time.time() > deadline:
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not sent and re.search(pattern, line):
+                send(proc)
+                sent = True
+            if time.time() > deadline:
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a run behind, whatever failed
             os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
+            proc.wait()
     assert sent, "the pattern never appeared:\n" + "".join(lines[-30:])
     return proc.returncode, "".join(lines)
 
@@ -73,7 +77,7 @@ def main_dino(*args):
     return [sys.executable, str(REPO_ROOT / "main_dino.py"), *map(str, args)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR2])
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(cifar_subset, tmp_path, signum):
     ref, stopped = tmp_path / "ref", tmp_path / "stopped"
     run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", ref, *FAST))

@@ -10,9 +10,10 @@
 # directories, pid and log files, and a private munge socket (so a system munged, if any, is never touched).
 # The only thing written outside it is /etc/slurm/slurm.conf, a symlink to $DINO_SLURM_DIR/slurm.conf, so that
 # plain `sbatch`/`squeue` work from any shell; it is left alone if it exists and is not ours (then export
-# SLURM_CONF=$DINO_SLURM_DIR/slurm.conf), and `down` removes it. Needs root: slurmd runs jobs as their user and
-# munged runs as the munge user. There is no systemd or cgroup here, so the daemons are started directly and
-# the config avoids cgroup plugins (proctrack/linuxproc, task/none).
+# SLURM_CONF=$DINO_SLURM_DIR/slurm.conf), and `down` removes it. A second cluster can run beside the first one
+# with another DINO_SLURM_DIR and DINO_SLURM_PORT (slurmctld's port, default 6817; slurmd uses the next one).
+# Needs root: slurmd runs jobs as their user and munged runs as the munge user. There is no systemd and no cgroup
+# here, so the daemons are started directly and the config avoids cgroup plugins (proctrack/linuxproc, task/none).
 #
 # Timing knobs (why they are not the defaults): AuthInfo cred_expire=10 (default 120 s) is how long a requeued
 # job waits before it may start again; sched_interval/bf_interval make the scheduler pick it up within seconds.
@@ -26,7 +27,10 @@ ETC_CONF=/etc/slurm/slurm.conf
 MUNGE_DIR="$DIR/munge"
 MUNGE_SOCKET="$MUNGE_DIR/munge.socket"
 MUNGE_KEY=/etc/munge/munge.key
-CLUSTER_NAME=dinotest
+PORT="${DINO_SLURM_PORT:-6817}"
+# Job processes carry SLURM_CLUSTER_NAME, which `down` uses to find leftovers: one name per directory.
+# (slurmctld refuses to restart on a state directory saved under another name, so the default stays fixed.)
+if [ "$DIR" = /tmp/dino-slurm ]; then CLUSTER_NAME=dinotest; else CLUSTER_NAME="dino$(printf %s "$DIR" | md5sum | cut -c1-8)"; fi
 NODE="$(hostname -s)"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 export SLURM_CONF="$CONF"
@@ -56,8 +60,9 @@ cmd_install() {
     if ! { timeout 300 apt-get update -qq \
            && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
                   "${PACKAGES[@]}"; } >"$log" 2>&1; then
+        local why; why="$(grep -v '^\s*$' "$log" | tail -n 1)"
         tail -n 5 "$log" >&2; rm -f "$log"
-        die "apt-get could not install ${PACKAGES[*]}"
+        die "apt-get could not install ${PACKAGES[*]} (${why:-no output})"
     fi
     rm -f "$log"
     installed || die "packages installed but the slurm/munge commands are missing"
@@ -65,6 +70,12 @@ cmd_install() {
 }
 
 # --- processes ------------------------------------------------------------------------------------------
+
+# Field $2 of /proc/$1/stat counted after the command name, which may contain spaces: 1 = state, 2 = ppid.
+stat_field() { local st; st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1; st="${st##*) }"; cut -d' ' -f"$2" <<<"$st"; }
+
+# Whether pid $1 runs (a killed daemon stays a zombie until init reaps it, which can take a moment here).
+alive() { local st; st="$(stat_field "$1" 1)" && [ "$st" != Z ]; }
 
 # pid of $1 (munged|slurmctld|slurmd) from its pid file, if that process is alive and really is $1.
 pid_of() {
@@ -75,19 +86,20 @@ pid_of() {
     esac
     [ -s "$file" ] || return 1
     pid="$(tr -dc 0-9 <"$file")"
-    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] && echo "$pid"
+    [ -n "$pid" ] && alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] && echo "$pid"
 }
 
-ppid_of() { awk '{print $4}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+ppid_of() { stat_field "$1" 2 || echo 0; }
 
-# pids whose environment says they belong to this cluster ($OWNER) or to one of its jobs
-# (SLURM_CLUSTER_NAME=dinotest, which slurmstepd sets for job processes), except this script, its ancestors
+# pids whose environment says they belong to this cluster ($OWNER: daemons and slurmstepd) or to one of its jobs
+# (SLURM_CLUSTER_NAME=$CLUSTER_NAME, which slurmstepd sets for job processes), except this script, its ancestors
 # and its descendants (in case it is itself run from a job of this cluster).
 our_pids() {
     local me=$$ pid p ours
     for pid in $(ls /proc | grep -E '^[0-9]+$'); do
         tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" \
             | grep -qxF -e "$OWNER" -e "SLURM_CLUSTER_NAME=$CLUSTER_NAME" || continue
+        alive "$pid" || continue
         ours=1
         p=$pid; while [ "$p" -gt 1 ]; do [ "$p" = "$me" ] && { ours=0; break; }; p="$(ppid_of "$p")"; done
         p=$me; while [ "$p" -gt 1 ]; do [ "$p" = "$pid" ] && { ours=0; break; }; p="$(ppid_of "$p")"; done
@@ -96,29 +108,33 @@ our_pids() {
     return 0
 }
 
-alive() { kill -0 "$1" 2>/dev/null; }
-
-# Send TERM to our daemons, wait up to 10 s, then KILL them and every other process of ours that is left.
+# Stop our three daemons: TERM, up to 10 s, then KILL. Running jobs are left alone (their slurmstepd
+# processes outlive slurmd, and a restarted slurmd/slurmctld picks them up again).
 kill_daemons() {
     local name pid pids=() deadline
     for name in slurmd slurmctld munged; do
         pid="$(pid_of "$name" || true)"; [ -n "$pid" ] && pids+=("$pid")
     done
-    # Also those found by environment (a daemon whose pid file is gone), but only the daemons at this stage.
+    # Also daemons found by their environment (e.g. a pid file overwritten by a half-started second copy).
     for pid in $(our_pids); do
         case "$(cat "/proc/$pid/comm" 2>/dev/null)" in munged|slurmctld|slurmd) pids+=("$pid") ;; esac
     done
-    [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    kill -TERM "${pids[@]}" 2>/dev/null || true
     deadline=$((SECONDS + 10))
     for pid in "${pids[@]}"; do
         while alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     done
-    # Whatever survived, and leftovers of jobs (slurmstepd and job processes) once the daemons are gone.
-    pids=($(our_pids))
-    if [ "${#pids[@]}" -gt 0 ]; then
-        say "killing ${#pids[@]} leftover process(es): ${pids[*]}"
-        kill -KILL "${pids[@]}" 2>/dev/null || true
-    fi
+    for pid in "${pids[@]}"; do alive "$pid" && kill -KILL "$pid" 2>/dev/null; done
+    return 0
+}
+
+# After the daemons: KILL what is left of jobs (slurmstepd and job processes), e.g. after a slurmd crash.
+kill_leftovers() {
+    local pids=($(our_pids))
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    say "killing ${#pids[@]} leftover process(es) of jobs: ${pids[*]}"
+    kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 # --- health ---------------------------------------------------------------------------------------------
@@ -163,8 +179,8 @@ AuthType=auth/munge
 CredType=cred/munge
 # private munge socket; requeued jobs may restart after cred_expire seconds (default 120)
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -173,6 +189,7 @@ SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+MailProg=/bin/true
 # no systemd/cgroups here
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -198,12 +215,13 @@ EOF
     mv "$CONF.new" "$CONF"
 }
 
+# /etc/slurm/slurm.conf -> our slurm.conf, unless it is a file or a live link to another cluster's config.
 link_etc_conf() {
     mkdir -p /etc/slurm
-    if [ -L "$ETC_CONF" ] || [ ! -e "$ETC_CONF" ]; then
-        ln -sfn "$CONF" "$ETC_CONF"
+    if [ ! -e "$ETC_CONF" ] || { [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; }; then
+        ln -sfn "$CONF" "$ETC_CONF"   # ! -e is also true for a dangling link (a cluster since removed)
     else
-        say "NOTE: $ETC_CONF exists and is not ours; left alone. Use: export SLURM_CONF=$CONF"
+        say "NOTE: $ETC_CONF is not ours; left alone. For plain sbatch/squeue: export SLURM_CONF=$CONF"
     fi
 }
 
@@ -212,6 +230,16 @@ unlink_etc_conf() {
 }
 
 # --- commands -------------------------------------------------------------------------------------------
+
+# $DIR is ours to fill and to delete: new, empty, or holding a slurm.conf written by this script
+# (a guard against e.g. DINO_SLURM_DIR=/tmp, which `down` would otherwise wipe).
+check_dir() {
+    [ ! -e "$DIR" ] && return 0
+    [ -d "$DIR" ] && [ "$DIR" != / ] || die "$DIR is not a directory we can use"
+    [ -z "$(ls -A "$DIR")" ] && return 0
+    head -n 1 "$CONF" 2>/dev/null | grep -q '^# Written by tests/slurm/cluster.sh' \
+        || die "$DIR is not empty and has no slurm.conf of ours: set DINO_SLURM_DIR to a new directory"
+}
 
 # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s; fail with the logs after SECONDS.
 wait_for() {
@@ -239,9 +267,10 @@ node_ready() {
 cmd_up() {
     need_root "up"
     installed || die "slurm/munge not installed: run 'bash $0 install' first"
+    check_dir
     if healthy; then say "already running, reused ($CONF)"; link_etc_conf; return 0; fi
     local t0=$SECONDS
-    kill_daemons  # leftovers of a crashed or half-started cluster; its state directory is kept
+    kill_daemons  # what is left of a crashed or half-started cluster; its state and jobs are kept
     mkdir -p "$DIR/state" "$DIR/spool" "$MUNGE_DIR"
     chmod 0755 "$DIR"
     chown munge:munge "$MUNGE_DIR"; chmod 0755 "$MUNGE_DIR"  # munged refuses a socket dir it does not own
@@ -271,6 +300,8 @@ cmd_up() {
 }
 
 cmd_down() {
+    need_root "down"
+    check_dir
     if [ -e "$CONF" ] && pid_of slurmctld >/dev/null && ctld_ok; then
         # Cancel jobs through slurm first so that their processes are ended cleanly (KillWait=5).
         local jobs; jobs="$(squeue -h -o %A 2>/dev/null || true)"
@@ -282,6 +313,7 @@ cmd_down() {
         fi
     fi
     kill_daemons
+    kill_leftovers
     unlink_etc_conf
     rm -rf "$DIR"
     say "down ($DIR removed)"
@@ -294,7 +326,10 @@ cmd_status() {
         if pid="$(pid_of "$n")"; then say "$n running (pid $pid)"; else say "$n NOT running"; rc=1; fi
     done
     [ $rc -eq 0 ] || return $rc
-    healthy || { say "daemons running but the cluster is not healthy"; scontrol ping 2>&1 || true; sinfo 2>&1 || true; return 1; }
+    if ! healthy; then
+        say "daemons running but the cluster is not healthy"; scontrol ping 2>&1 || true; sinfo 2>&1 || true
+        return 1
+    fi
     sinfo
     squeue
     say "healthy; config $CONF"
@@ -305,5 +340,7 @@ case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 install|up|down|status   (directory: \$DINO_SLURM_DIR, default /tmp/dino-slurm)" >&2; exit 2 ;;
+    *) echo "usage: $0 install|up|down|status   (env: DINO_SLURM_DIR [/tmp/dino-slurm], DINO_SLURM_PORT [6817])" >&2
+       echo "exit status: 0 ok; 1 failed (status: not healthy); 2 usage; 3 (status) not installed" >&2
+       exit 2 ;;
 esac

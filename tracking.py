@@ -1,0 +1,415 @@
+# Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
+"""Experiment tracking for the training scripts: a per-iteration history file, TensorBoard and W&B.
+
+- `log_iters.jsonl` in the output folder: one JSON object every `--log_freq` optimizer steps (loss and
+  its terms, lr, wd, teacher momentum and temperature, gradient norm, images/s, data time), always written,
+  beside the per-epoch `log.txt`. `read_history(output_dir)` loads it (columns of lists, or a pandas
+  DataFrame when pandas is installed).
+- `--logger tensorboard wandb` (either, both, or none): the same values, plus every epoch's `log.txt`
+  record, against the global training iteration, so that a resumed run continues the same curve.
+
+    tracker = tracking.Tracker(args, start_iteration=..., iters_per_epoch=..., images_per_batch=...,
+                               state=checkpoint.get("tracking"))
+    with tracker:                                 # opens the files and loggers (rank 0 only)
+        for batch in tracker.timed(loader):       # data time and images/s
+            ...
+            if tracker.wants(it):                 # every --log_freq iterations
+                tracker.log_iteration(it, {"loss": loss, "lr": lr}, grad_norms=norms)
+        tracker.log_epoch(last_iteration_of_epoch, log_stats)
+        save({"tracking": tracker.state_dict(), ...})  # the W&B run id, for the resumed run
+
+The values are device tensors: they are stacked and copied to the host asynchronously when logged, and
+read one logging period later, so that logging never makes the host wait for the device. tensorboard and
+wandb are imported only when asked for; a missing package stops the run before it starts, in one line.
+"""
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import utils
+
+HISTORY_FILE = "log_iters.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+LOGGERS = ("tensorboard", "wandb")
+# The package each logger needs, and the command that installs it (the one line a user gets).
+REQUIREMENTS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
+
+
+def add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("experiment tracking")
+    group.add_argument('--log_freq', default=10, type=int, help=f"""Append the metrics of every x-th training
+        iteration to output_dir/{HISTORY_FILE} (and to the --logger's).""")
+    group.add_argument('--logger', default=[], nargs='+', choices=LOGGERS, help=f"""Also log to TensorBoard
+        (event files in output_dir/{TENSORBOARD_DIR}) and/or Weights & Biases (output_dir/wandb; offline when
+        the W&B server cannot be reached, to upload later with `wandb sync`). Several allowed; none by default.""")
+    group.add_argument('--wandb_project', default='dino', type=str, help="W&B project.")
+    group.add_argument('--wandb_entity', default=None, type=str, help="W&B entity (user or team; default: yours).")
+    group.add_argument('--wandb_run_name', default=None, type=str,
+                       help="W&B run name (default: the name of --output_dir).")
+    group.add_argument('--wandb_tags', default=[], nargs='*', type=str, help="W&B tags of the run.")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """--log_freq and the --logger packages, checked before anything is built."""
+    if args.log_freq < 1:
+        raise utils.UserError(f"--log_freq must be at least 1, got {args.log_freq}")
+    for name in dict.fromkeys(args.logger):
+        module, install = REQUIREMENTS[name]
+        try:
+            __import__(module)
+        except ImportError:
+            raise utils.UserError(f"--logger {name} needs the {module} package, which is not installed: "
+                                  f"{install} (or leave {name} out of --logger)") from None
+
+
+def grad_norms(model: nn.Module, scaler: Optional[torch.amp.GradScaler] = None) -> Optional[torch.Tensor]:
+    """Per-parameter gradient norms on the device (no synchronisation), as `utils.clip_gradients` returns
+    them, for runs without clipping; gradients of an fp16 scaler that were not unscaled are divided by its
+    scale."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2)])
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    return norms / scale.to(norms.device) if isinstance(scale, torch.Tensor) else norms
+
+
+class _Pending:
+    """One logged iteration whose device values are on their way to the host."""
+
+    def __init__(self, it: int, record: Dict[str, Any], names: List[str], values: Optional[torch.Tensor]):
+        self.it, self.record, self.names, self.event = it, record, names, None
+        self.values = values
+        if values is not None and values.is_cuda:
+            # a non-blocking copy into pinned memory, read once this event has passed: no stall of the host
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> Dict[str, Any]:
+        if self.event is not None:
+            self.event.synchronize()
+        if self.values is not None:
+            self.record.update(zip(self.names, self.values.tolist()))
+        return self.record
+
+
+class _Timed:
+    """Iterates over `iterable` and adds to the tracker's window the batches, the time spent waiting for
+    them and the wall time of their iterations (each counted once the loop body has run)."""
+
+    def __init__(self, iterable: Iterable, tracker: "Tracker"):
+        self.iterable, self.tracker = iterable, tracker
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self) -> Iterator:
+        window = self.tracker._window
+        start = time.perf_counter()
+        for batch in self.iterable:
+            fetched = time.perf_counter()
+            yield batch
+            end = time.perf_counter()
+            window[0] += 1
+            window[1] += fetched - start
+            window[2] += end - start
+            start = end
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool, type(None), list, tuple)) else str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _new_run_id() -> str:
+    """A W&B run id: 8 characters of [a-z0-9], as W&B generates them."""
+    return "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+
+
+def _wandb_server_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server (WANDB_BASE_URL, else W&B's cloud) opens within
+    `timeout` s; name resolution included (in a thread, since it has no timeout of its own)."""
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result = [False]
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result[0] = True
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 2.0)
+    return result[0]
+
+
+class Tracker:
+    """The history file and the loggers of one training run (active on rank 0 only; elsewhere every call
+    does nothing). See the module docstring for the calls.
+
+    `start_iteration`: the first training iteration this process runs (0 for a new run; on resume, the
+    checkpoint's). A new run moves a previous run's history and TensorBoard folder aside (`.old`, as
+    log.txt); a resumed one drops what was logged after its checkpoint, so that each iteration appears once.
+    `state`: what `state_dict()` returned into the checkpoint (the W&B run id, continued on resume).
+    """
+
+    def __init__(self, args: argparse.Namespace, *, start_iteration: int, iters_per_epoch: int,
+                 images_per_batch: int, state: Optional[Dict[str, Any]] = None, output_dir: Optional[str] = None):
+        self.args = args
+        self.output_dir = output_dir if output_dir is not None else args.output_dir
+        self.log_freq = args.log_freq
+        self.loggers = list(dict.fromkeys(getattr(args, "logger", []) or []))
+        self.start_iteration, self.iters_per_epoch = start_iteration, max(iters_per_epoch, 1)
+        self.images_per_batch = images_per_batch
+        self.state = dict(state or {})
+        self.active = utils.is_main_process()
+        self.history_path = os.path.join(self.output_dir, HISTORY_FILE)
+        self._window = [0, 0.0, 0.0]  # batches, data-wait seconds, wall seconds since the last logged iteration
+        self._pending: List[_Pending] = []
+        self._history = None
+        self.tb_writer = None
+        self.wandb_run = None
+        self._wandb_min_step = 0
+        self._opened = self._closed = False
+
+    # ---- opening and closing ----
+    def __enter__(self) -> "Tracker":
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(interrupted=isinstance(exc, utils.TrainingInterrupted),
+                   failed=exc is not None and not isinstance(exc, utils.TrainingInterrupted))
+
+    def open(self) -> "Tracker":
+        if not self.active or self._opened:
+            return self
+        self._opened = True
+        if self.start_iteration == 0:
+            self._move_aside(self.history_path)
+            if "tensorboard" in self.loggers:
+                self._move_aside(os.path.join(self.output_dir, TENSORBOARD_DIR))
+        else:
+            self._truncate_history()
+        self._history = open(self.history_path, "a")
+        print(f"History: every {self.log_freq} iterations in {self.history_path} "
+              f"(tracking.read_history('{self.output_dir}') loads it).")
+        if "tensorboard" in self.loggers:
+            self._open_tensorboard()
+        if "wandb" in self.loggers:
+            self._open_wandb()
+        return self
+
+    def _move_aside(self, path: str) -> None:
+        if os.path.lexists(path):
+            old = path + ".old"
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old)
+            os.replace(path, old)
+            print(f"New run: the previous {os.path.basename(path)} is now {os.path.basename(old)}")
+
+    def _truncate_history(self) -> None:
+        """Keep the iterations before the one this run resumes at (those after the checkpoint are redone)."""
+        if not os.path.isfile(self.history_path):
+            return
+        kept = [r for r in _read_records(self.history_path) if r.get("iteration", -1) < self.start_iteration]
+        utils.write_json_lines(self.history_path, kept)
+
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        log_dir = os.path.join(self.output_dir, TENSORBOARD_DIR)
+        # purge_step: TensorBoard drops the events a previous process wrote at or after the resumed iteration,
+        # so the curve continues without duplicates.
+        self.tb_writer = SummaryWriter(log_dir, purge_step=self.start_iteration or None, flush_secs=30)
+        if self.start_iteration == 0:
+            rows = "\n".join(f"| {k} | {_plain(v)} |" for k, v in sorted(vars(self.args).items()))
+            self.tb_writer.add_text("config", "| flag | value |\n| --- | --- |\n" + rows, 0)
+        print(f"TensorBoard: event files in {log_dir}; view them with: tensorboard --logdir {log_dir}")
+
+    def _open_wandb(self) -> None:
+        import wandb
+        run_id = self.state.get("wandb_run_id") or _new_run_id()
+        self.state["wandb_run_id"] = run_id
+        resumed = self.start_iteration > 0 and "wandb_run_id" in self.state
+        mode = os.environ.get("WANDB_MODE")  # the user's choice wins (online, offline, disabled)
+        if mode is None and not _wandb_server_reachable():
+            mode = "offline"
+            print("W&B: the server cannot be reached (no network?): logging offline.")
+        kwargs = dict(project=self.args.wandb_project, entity=self.args.wandb_entity,
+                      name=self.args.wandb_run_name or os.path.basename(os.path.abspath(self.output_dir)),
+                      tags=list(self.args.wandb_tags) or None, id=run_id, resume="allow", dir=self.output_dir,
+                      config={k: _plain(v) for k, v in vars(self.args).items()}, allow_val_change=True)
+        try:
+            self.wandb_run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # not logged in, server error: keep training, offline
+            if mode == "offline":
+                raise
+            print(f"W&B: could not start online ({utils._first_line(e)}): logging offline.")
+            mode = "offline"
+            self.wandb_run = wandb.init(mode=mode, **kwargs)
+        # an online run that is resumed already holds the steps up to its last one: they are not sent again
+        self._wandb_min_step = int(getattr(self.wandb_run, "step", 0) or 0) if resumed else 0
+        self.wandb_offline = self.wandb_run.settings.mode == "offline" or mode == "offline"
+        where = os.path.join(self.output_dir, "wandb")
+        print(f"W&B: run {run_id} ({'resumed' if resumed else 'new'}, "
+              f"{'offline' if self.wandb_offline else 'online'}) in {where}.")
+        if self.wandb_offline:
+            print(f"W&B: to upload it, once online: wandb sync {os.path.join(where, 'offline-run-*')} "
+                  "(every part of a resumed run goes to the same W&B run).")
+
+    def close(self, interrupted: bool = False, failed: bool = False) -> None:
+        """Write what is pending and close the history and the loggers (a W&B run stopped by a signal is
+        marked preempted, so that it shows as such until the resumed job continues it)."""
+        if not self.active or not self._opened or self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            if self._history is not None:
+                self._history.close()
+            if self.tb_writer is not None:
+                self.tb_writer.close()
+            if self.wandb_run is not None:
+                if interrupted:
+                    self.wandb_run.mark_preempting()
+                self.wandb_run.finish(exit_code=1 if (interrupted or failed) else 0)
+
+    # ---- logging ----
+    def timed(self, iterable: Iterable) -> Iterable:
+        """`iterable`, timed for the images/s and data time of the logged iterations."""
+        return _Timed(iterable, self) if self.active else iterable
+
+    def wants(self, it: int) -> bool:
+        """Whether iteration `it` is logged (every --log_freq iterations, rank 0)."""
+        return self.active and self._opened and it % self.log_freq == 0
+
+    def log_iteration(self, it: int, metrics: Dict[str, Any], grad_norms: Optional[torch.Tensor] = None) -> None:
+        """Log iteration `it`: numbers and 0-d tensors (read later, without waiting for the device), the
+        total of the per-parameter gradient norms `grad_norms`, and images/s and data time measured by
+        `timed` since the last logged iteration."""
+        if not self.active:
+            return
+        record: Dict[str, Any] = {"iteration": it, "epoch": it // self.iters_per_epoch}
+        names, tensors = [], []
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                names.append(k)
+                tensors.append(v.detach().float().reshape(()))
+                record[k] = None  # filled when read, in this order
+            elif _is_number(v):
+                record[k] = v
+        if grad_norms is not None and grad_norms.numel():
+            names.append("grad_norm")
+            record["grad_norm"] = None
+            tensors.append(torch.linalg.vector_norm(grad_norms.detach().float()))
+        batches, data_wait, wall = self._window
+        if batches:
+            record["images_per_sec"] = batches * self.images_per_batch / max(wall, 1e-9)
+            record["data_time"] = data_wait / batches
+        self._window[:] = [0, 0.0, 0.0]
+        if tensors:
+            devices = {t.device for t in tensors}
+            device = tensors[0].device if len(devices) == 1 else torch.device("cpu")
+            values = torch.stack([t.to(device) for t in tensors])
+        else:
+            values = None
+        record["time"] = time.time()
+        self.flush()  # the previous logged iteration, a logging period ago: its copy has long finished
+        self._pending.append(_Pending(it, record, names, values))
+
+    def log_epoch(self, step: int, stats: Dict[str, Any]) -> None:
+        """An epoch's log.txt record, at `step` (its last iteration) in TensorBoard and W&B."""
+        if not self.active:
+            return
+        self.flush()
+        numbers = {f"epoch/{k}": v for k, v in stats.items() if _is_number(v)}
+        if self.tb_writer is not None:
+            for k, v in numbers.items():
+                if k != "epoch/epoch":
+                    self.tb_writer.add_scalar(k, v, step)
+            self.tb_writer.flush()
+        if self.wandb_run is not None and step >= self._wandb_min_step:
+            self.wandb_run.log(numbers, step=step)
+
+    def flush(self) -> None:
+        """Write every pending iteration (waits for the device)."""
+        while self._pending:
+            self._write(self._pending.pop(0).result())
+        if self._history is not None:
+            self._history.flush()
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        self._history.write(json.dumps(record) + "\n")
+        self._history.flush()
+        it = record["iteration"]
+        scalars = {f"train/{k}": v for k, v in record.items() if k not in ("iteration", "epoch", "time")}
+        if self.tb_writer is not None:
+            for k, v in scalars.items():
+                self.tb_writer.add_scalar(k, v, it)
+        if self.wandb_run is not None and it >= self._wandb_min_step:
+            self.wandb_run.log({**scalars, "epoch": record["epoch"]}, step=it)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """For the checkpoint: the W&B run id (kept from a previous run even when W&B is not used now). Writes
+        what is pending first, so that a checkpoint never leaves a logged iteration unwritten."""
+        if self.active and self._opened and not self._closed:
+            self.flush()
+        return dict(self.state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a run's history
+# ----------------------------------------------------------------------------------------------------
+def _read_records(path: str) -> List[Dict[str, Any]]:
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def read_history(path: str, as_dataframe: Optional[bool] = None):
+    """A run's per-iteration history: `path` is its output folder or its log_iters.jsonl.
+
+    Returns a pandas DataFrame (one row per logged iteration) when pandas is installed, else (or with
+    `as_dataframe=False`) a dict of columns, {name: [value per logged iteration, None where missing]}.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, HISTORY_FILE)
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{path} does not exist: give a run's output folder or its {HISTORY_FILE}")
+    records = _read_records(path)
+    if as_dataframe is None or as_dataframe:
+        try:
+            import pandas
+            return pandas.DataFrame.from_records(records)
+        except ImportError:
+            if as_dataframe:
+                raise utils.UserError("read_history(as_dataframe=True) needs pandas: pip install pandas") from None
+    columns: Dict[str, List[Any]] = {}
+    for r in records:
+        for k in r:
+            columns.setdefault(k, [])
+    return {k: [r.get(k) for r in records] for k in columns}
