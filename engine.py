@@ -396,10 +396,15 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
         del checkpoint
     else:
         utils.sync_log_with_checkpoint(log_path, None)
-    if position is not None and len(position["ranks"]) != args.world_size:
-        raise utils.UserError(
-            f"{checkpoint_path} was written in the middle of epoch {start_epoch} by {len(position['ranks'])} "
-            f"processes; resume it with the same number of processes (this run has {args.world_size})")
+    if position is not None:
+        # the position counts batches of each rank's share: it means the same samples only with the same split
+        saved = (len(position["ranks"]), position.get("batch_size_per_gpu", args.batch_size_per_gpu),
+                 position.get("grad_accum_steps", args.grad_accum_steps))
+        if saved != (args.world_size, args.batch_size_per_gpu, args.grad_accum_steps):
+            raise utils.UserError(
+                f"{checkpoint_path} was written in the middle of epoch {start_epoch} by {saved[0]} processes with "
+                f"--batch_size_per_gpu {saved[1]} and --grad_accum_steps {saved[2]}; resume it with the same number "
+                f"of processes (this run has {args.world_size}) and the same flags")
 
     def save_checkpoint(epochs_done: int, rank_position: Optional[Dict] = None) -> None:
         """checkpoint.pth after `epochs_done` epochs, plus, inside an epoch, every rank's position in it."""
@@ -415,7 +420,8 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
                           **(extra_checkpoint or {})})
         if rank_position is not None:
             save_dict['position'] = {"epoch": epochs_done, "batches": rank_position["batches"],
-                                     "ranks": [p for _, p in per_rank]}
+                                     "batch_size_per_gpu": args.batch_size_per_gpu,
+                                     "grad_accum_steps": args.grad_accum_steps, "ranks": [p for _, p in per_rank]}
         if fp16_scaler is not None:
             save_dict['fp16_scaler'] = fp16_scaler.state_dict()
         utils.save_on_master(save_dict, checkpoint_path)

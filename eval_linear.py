@@ -309,16 +309,19 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
 
 def check_finite_state(heads: LinearHeads, names: Sequence[str], ranks: Sequence[Dict], epoch: int, batches: int,
                        checkpoint_path: str) -> None:
-    """Refuse to checkpoint a diverged head (non-finite weights, or a non-finite loss on any rank so far this
-    epoch): the run would resume it. The same decision on every rank (`ranks`: every rank's position)."""
+    """Refuse to checkpoint a state where every head diverged (non-finite weights, or a non-finite loss on any
+    rank so far this epoch): the run would resume it. One diverged head of several is only reported. The same
+    decision on every rank (`ranks`: every rank's position)."""
     bad = [name for head, name in zip(heads.heads, names)
            if not all(torch.isfinite(p).all() for p in head.parameters())
            or not all(math.isfinite(float(r["meters"][f"loss/{name}"]["total"])) for r in ranks)]
-    if bad:
+    if bad and len(bad) == len(names):
         raise utils.UserError(
             f"the loss or weights of head(s) {', '.join(bad)} are not finite at epoch {epoch}, batch {batches}: "
             f"stopping without writing this state; the last checkpoint ({checkpoint_path}, if any) is untouched. "
             "Use lower learning rates (--lr/--lrs).")
+    if bad:  # in a sweep, a learning rate too high for its head is a result, not a reason to stop the others
+        print(f"WARNING: head(s) {', '.join(bad)} diverged (non-finite loss or weights); the other heads go on")
 
 
 @torch.no_grad()
@@ -364,6 +367,10 @@ def load_linear_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Di
     """(linear.weight/linear.bias, metadata or None) of an official *_linearweights.pth, a checkpoint.pth.tar of
     this script (its best head, with the feature settings it was trained on) or a bare state_dict."""
     checkpoint = utils.load_checkpoint(path)
+    if isinstance(checkpoint, dict) and "run_config" in checkpoint and checkpoint.get("state_dict") is None:
+        # written inside the first epoch (a signal, --saveckp_every_iters): no head has been validated yet
+        raise utils.UserError(f"{path} was written in the middle of epoch {checkpoint.get('epoch')}, before any head "
+                              "was validated: finish the training first (the same command without --evaluate)")
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if isinstance(state_dict, dict):
         state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
@@ -551,6 +558,8 @@ def eval_linear(args: argparse.Namespace) -> Dict:
         del saved
     to_restore = {"epoch": 0, "best_acc": 0., "best_head": None, "state_dict": None, "log_history": [],
                   "position": None}
+    if utils.is_main_process():
+        utils.remove_stale_temporaries(args.output_dir)
     checkpoint = utils.restart_from_checkpoint(
         checkpoint_path,
         run_variables=to_restore,
@@ -629,8 +638,10 @@ def eval_linear(args: argparse.Namespace) -> Dict:
                 train_sampler.set_epoch(epoch, skip)  # the consumed batches are not read again
                 batches = loader_batches(train_loader, train_errors)
             if rank_position:
+                # nothing in the loop draws from the global RNG today (the data has its own); restored so that
+                # whatever does stays exact
                 utils.set_rng_state(rank_position["rng"])
-                train_errors[:] = rank_position["errors"]
+                train_errors[:] = rank_position["errors"]  # unreadable images of the consumed batches
             train_stats = train_one_epoch(heads, optimizer, batches, num_batches, names, device, epoch,
                                           args.print_freq, to_features, rank_position, between_steps)
             position = None

@@ -464,6 +464,8 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(colours, cached_refe
     assert ckpt["epoch"] == 0 and int(stopped_at.group(1)) == batches and 2 <= batches < 24
     assert not (stopped / "log.txt").exists() or not (stopped / "log.txt").read_text().strip()
 
+    with pytest.raises(utils.UserError, match="in the middle of epoch 0, before any head was validated"):
+        run("--data_path", colours, "--output_dir", stopped, "--evaluate", *TINY)
     # a position inside an epoch means the same samples only with the same processes
     other = tmp_path / "other"
     shutil.copytree(stopped, other)

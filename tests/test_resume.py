@@ -156,4 +156,4 @@ def test_resume_with_another_number_of_processes_is_refused(cifar_subset, tmp_pa
                            str(REPO_ROOT / "main_dino.py"), "--data_path", str(cifar_subset), "--output_dir",
                            str(out), *map(str, FAST)], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "resume it with the same number of processes (this run has 2)" in proc.stderr
+    assert "resume it with the same number of processes (this run has 2) and the same flags" in proc.stderr
