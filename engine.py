@@ -30,6 +30,7 @@ import torch.nn as nn
 
 import data
 import eval_knn
+import tracking
 import utils
 
 StepFn = Callable[[Any, int, int], Tuple[torch.Tensor, Dict[str, Any]]]
@@ -197,7 +198,8 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
                     bad_images: Optional[data.BadImageTracker] = None,
                     after_step: Optional[Callable[[int], Dict[str, Any]]] = None,
                     position: Optional[Dict[str, Any]] = None,
-                    between_steps: Optional[Callable[[int, Callable[[], Dict]], None]] = None) -> Dict[str, float]:
+                    between_steps: Optional[Callable[[int, Callable[[], Dict]], None]] = None,
+                    tracker: Optional[tracking.Tracker] = None) -> Dict[str, float]:
     """One epoch of optimizer steps on `student` (the trained module, DDP-wrapped or not); returns the epoch
     averages of the loss, of what `step` and `after_step` return, of lr and wd, and images/s.
 
@@ -208,7 +210,8 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     Mid-epoch resume: `position` (this rank's, from `between_steps`) continues an epoch after its first
     `position["batches"]` batches, which the loader must already skip (`EpochSampler.set_epoch(epoch,
     start)`). `between_steps(it, position_fn)` runs after every optimizer step; `position_fn()` checks that
-    the state is finite and returns this rank's position, for a checkpoint.
+    the state is finite and returns this rank's position, for a checkpoint. `tracker` gets the metrics of
+    every --log_freq-th step (log_iters.jsonl, TensorBoard, W&B).
     """
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
@@ -236,7 +239,8 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     it_local = start_batch - 1
     loss = step_loss = torch.zeros(())
     for it_local, (batch, _, bad) in enumerate(metric_logger.log_every(
-            data_loader, args.print_freq, header, images_per_iter=images_per_iter, start=start_batch),
+            tracker.timed(data_loader) if tracker else data_loader, args.print_freq, header,
+            images_per_iter=images_per_iter, start=start_batch),
             start=start_batch):
         step_in_epoch, micro = divmod(it_local, accum)
         if step_in_epoch >= niter_per_ep:
@@ -285,8 +289,10 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         # student update
         if fp16_scaler is not None and args.clip_grad:
             fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
-        if args.clip_grad:
-            utils.clip_gradients(student, args.clip_grad)
+        norms = utils.clip_gradients(student, args.clip_grad) if args.clip_grad else None
+        log_now = tracker is not None and tracker.wants(it)
+        if log_now and norms is None:
+            norms = tracking.grad_norms(student, fp16_scaler)
         utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
         if fp16_scaler is None:
             optimizer.step()
@@ -294,10 +300,14 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
             fp16_scaler.step(optimizer)
             fp16_scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            metric_logger.update(**after_step(it))
+        after = after_step(it) if after_step is not None else {}
+        metric_logger.update(**after)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        if log_now:
+            group = optimizer.param_groups[0]
+            tracker.log_iteration(it, {"loss": step_loss / accum, **terms, **after, "lr": group["lr"],
+                                       "wd": group["weight_decay"]}, grad_norms=norms)
         if between_steps is not None and step_in_epoch + 1 < niter_per_ep:
             between_steps(it, position_fn)
     if not skip_nonfinite:
@@ -379,7 +389,7 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     if utils.is_main_process():
         utils.remove_stale_temporaries(args.output_dir)
-    to_restore = {"epoch": 0, "log_history": [], "position": None, "nonfinite_skipped": 0}
+    to_restore = {"epoch": 0, "log_history": [], "position": None, "tracking": None, "nonfinite_skipped": 0}
     checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, check=check_checkpoint,
                                                student=student, optimizer=optimizer, fp16_scaler=fp16_scaler,
                                                **state)
@@ -405,6 +415,12 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
                 f"{checkpoint_path} was written in the middle of epoch {start_epoch} by {saved[0]} processes with "
                 f"--batch_size_per_gpu {saved[1]} and --grad_accum_steps {saved[2]}; resume it with the same number "
                 f"of processes (this run has {args.world_size}) and the same flags")
+    niter_per_ep = len(data_loader) // args.grad_accum_steps
+    tracker = tracking.Tracker(
+        args, start_iteration=start_epoch * niter_per_ep + (position["batches"] // args.grad_accum_steps
+                                                            if position is not None else 0),
+        iters_per_epoch=niter_per_ep, images_per_batch=args.batch_size_per_gpu * args.world_size,
+        state=to_restore["tracking"])
 
     def save_checkpoint(epochs_done: int, rank_position: Optional[Dict] = None) -> None:
         """checkpoint.pth after `epochs_done` epochs, plus, inside an epoch, every rank's position in it."""
@@ -416,6 +432,7 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
         save_dict.update({k: v.state_dict() for k, v in state.items() if v is not None})
         save_dict.update({'optimizer': optimizer.state_dict(), 'epoch': epochs_done, 'args': plain_args(args),
                           'rng_states': [r for r, _ in per_rank], 'log_history': log_history,
+                          'tracking': tracker.state_dict(),
                           'nonfinite_skipped': args.nonfinite_skipped,
                           **(extra_checkpoint or {})})
         if rank_position is not None:
@@ -429,7 +446,6 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
             utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epochs_done - 1:04}.pth'))
 
     stop = StopSignals(args.world_size)
-    niter_per_ep = len(data_loader) // args.grad_accum_steps
     every_iters = getattr(args, "saveckp_every_iters", 0)
 
     def between_steps(it: int, position_fn: Callable[[], Dict]) -> None:
@@ -442,14 +458,14 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
                                        checkpoint_path)
 
     start_time = time.time()
-    with stop:
+    with tracker, stop:
         for epoch in range(start_epoch, args.epochs):
             rank_position = position["ranks"][args.rank] if position and position["epoch"] == epoch else None
             start = rank_position["batches"] * args.batch_size_per_gpu if rank_position else 0
             data_loader.sampler.set_epoch(epoch, start)
             train_stats = train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch,
                                           args, fp16_scaler, autocast, bad_images, after_step, rank_position,
-                                          between_steps)
+                                          between_steps, tracker)
             data_loader.sampler.set_epoch(epoch, 0)
             position = None
 
@@ -463,6 +479,7 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
                 with open(log_path, "a") as f:
                     f.write(json.dumps(log_stats) + "\n")
                 utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
+            tracker.log_epoch(niter_per_ep * (epoch + 1) - 1, log_stats)
             signum = stop.agreed()
             if signum and epoch + 1 < args.epochs:
                 raise stop.interrupted(signum, f"after epoch {epoch}", checkpoint_path)

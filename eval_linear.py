@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import data
 import engine
 import eval_knn
+import tracking
 import utils
 
 
@@ -102,6 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', default=0, type=int, help="""Seed of the head initialisation, the shuffling and
         the augmentations (and of the random backbone when no --pretrained_weights are given).""")
     parser.add_argument('--print_freq', default=20, type=int, help='Print progress every x iterations.')
+    tracking.add_tracking_args(parser)
     parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth.tar every
         x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
         of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
@@ -118,6 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
                  "crop_size", "patch_size", "print_freq"):
         require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     require(args.num_workers >= 0, f"--num_workers must not be negative, got {args.num_workers}")
+    tracking.check_args(args)
     require(args.saveckp_every_iters >= 0,
             f"--saveckp_every_iters must not be negative, got {args.saveckp_every_iters}")
     lrs = args.lrs if args.lrs is not None else [args.lr]
@@ -264,15 +267,15 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, readable: torch
 def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, num_batches: int,
                     names: Sequence[str], device: torch.device, epoch: int, print_freq: int = 20,
                     to_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    position: Optional[Dict] = None, between_steps: Optional[Callable[[int, Callable], None]] = None
-                    ) -> Dict[str, Dict[str, float]]:
+                    position: Optional[Dict] = None, between_steps: Optional[Callable[[int, Callable], None]] = None,
+                    tracker: Optional[tracking.Tracker] = None) -> Dict[str, Dict[str, float]]:
     """One epoch of every head over `batches` of (images or features, labels, readable); `to_features` turns
     a batch of images into backbone features (None: the batches hold features). Returns {name: {loss, lr}}.
 
     Mid-epoch resume: `position` (this rank's, from `between_steps`) continues the epoch after its first
     `position["batches"]` batches, which `batches` must already leave out. `between_steps(it, position_fn)` runs
     after every optimizer step but the epoch's last; `position_fn()` returns this rank's position, for a
-    checkpoint."""
+    checkpoint. `tracker` gets every head's loss and lr every --log_freq iterations."""
     heads.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = 'Epoch: [{}]'.format(epoch)
@@ -286,7 +289,8 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
         return {"batches": it + 1, "meters": metric_logger.state_dict()}
 
     for it, (inputs, target, readable) in enumerate(
-            metric_logger.log_every(batches, print_freq, header, total=num_batches, start=start), start=start):
+            metric_logger.log_every(tracker.timed(batches) if tracker else batches, print_freq, header,
+                                    total=num_batches, start=start), start=start):
         inputs = inputs.to(device, non_blocking=True)
         target, readable = target.to(device, non_blocking=True), readable.to(device, non_blocking=True)
         features = to_features(inputs) if to_features is not None else inputs
@@ -298,6 +302,10 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
         optimizer.step()
         losses = losses.detach()
         metric_logger.update(**{f"loss/{name}": losses[i] for i, name in enumerate(names)})
+        if tracker is not None and tracker.wants(epoch * num_batches + it):
+            tracker.log_iteration(epoch * num_batches + it, {
+                **{f"loss/{name}": losses[i] for i, name in enumerate(names)},
+                **{f"lr/{name}": optimizer.param_groups[i]["lr"] for i, name in enumerate(names)}})
         if between_steps is not None and it + 1 < num_batches:
             between_steps(it, position_fn)
     # gather the stats from all processes
@@ -557,7 +565,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
                 f"--batch_size_per_gpu {args.batch_size_per_gpu})")
         del saved
     to_restore = {"epoch": 0, "best_acc": 0., "best_head": None, "state_dict": None, "log_history": [],
-                  "position": None}
+                  "position": None, "tracking": None}
     if utils.is_main_process():
         utils.remove_stale_temporaries(args.output_dir)
     checkpoint = utils.restart_from_checkpoint(
@@ -571,6 +579,9 @@ def eval_linear(args: argparse.Namespace) -> Dict:
     best_head, best_state_dict = to_restore["best_head"], to_restore["state_dict"]
     log_history = list(to_restore["log_history"])
     position = to_restore["position"]  # set when the checkpoint was written inside epoch start_epoch
+    first = start_epoch * num_batches + (position["batches"] if position else 0)  # iteration resumed at
+    tracker = tracking.Tracker(args, start_iteration=first, iters_per_epoch=num_batches,
+                               images_per_batch=args.batch_size_per_gpu * world_size, state=to_restore["tracking"])
     log_path = os.path.join(args.output_dir, "log.txt")
     if checkpoint is not None:
         print(f"Resuming at epoch {start_epoch} (best top-1 so far {best_acc:.2f}%).")
@@ -599,6 +610,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
             "heads": heads_without_ddp.state_dict(),  # every head, as trained so far, to resume
             "run_config": run_config,
             "log_history": log_history,
+            "tracking": tracker.state_dict(),
         }
         if rank_position is not None:
             ranks = [rank_position]
@@ -625,7 +637,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
                 raise stop.interrupted(signum, f"at epoch {epoch}, iteration {it + 1}/{num_batches}", checkpoint_path)
 
     start_time = time.time()
-    with stop:
+    with tracker, stop:
         for epoch in range(start_epoch, args.epochs):
             rank_position = position["ranks"][rank] if position and position["epoch"] == epoch else None
             skip = rank_position["batches"] * args.batch_size_per_gpu if rank_position else 0  # samples consumed
@@ -643,7 +655,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
                 utils.set_rng_state(rank_position["rng"])
                 train_errors[:] = rank_position["errors"]  # unreadable images of the consumed batches
             train_stats = train_one_epoch(heads, optimizer, batches, num_batches, names, device, epoch,
-                                          args.print_freq, to_features, rank_position, between_steps)
+                                          args.print_freq, to_features, rank_position, between_steps, tracker)
             position = None
             scheduler.step()
             epoch_time = time.time() - epoch_start
@@ -688,6 +700,7 @@ def eval_linear(args: argparse.Namespace) -> Dict:
             if utils.is_main_process():
                 with open(log_path, "a") as f:
                     f.write(json.dumps(log_stats) + "\n")
+            tracker.log_epoch((epoch + 1) * num_batches - 1, log_stats)
             signum = stop.agreed()
             if signum and epoch + 1 < args.epochs:
                 raise stop.interrupted(signum, f"after epoch {epoch}", checkpoint_path)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import data
 import engine
+import tracking
 import utils
 import vision_transformer as vits
 from losses import DINOLoss
@@ -110,6 +111,10 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         generated shapes dataset (no download).""")
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
+    parser.add_argument('--compile', type=utils.bool_flag, default=False, help="""torch.compile the student and
+        teacher backbones (one graph per crop resolution; needs a C++ compiler on CPU).""")
+    parser.add_argument('--grad_checkpointing', type=utils.bool_flag, default=False, help="""Activation
+        checkpointing in the ViT blocks: less memory for large models and batches, about 30%% more compute.""")
     parser.add_argument('--skip_nonfinite', default=0, type=int, help="""A step whose loss or gradients are not
         finite stops training (the last good checkpoint stays). With N > 0 up to N such steps are skipped (no
         update) and counted; the (N+1)-th stops. Costs one host-device synchronisation per step on GPU.""")
@@ -123,6 +128,7 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
     parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
         skipped and reported; the run stops when more than this fraction of the dataset is unreadable.""")
     parser.add_argument('--print_freq', default=10, type=int, help='Print progress every x iterations.')
+    tracking.add_tracking_args(parser)
     utils.add_distributed_args(parser)
     return parser
 
@@ -152,6 +158,7 @@ def check_args(args: argparse.Namespace) -> None:
         # The teacher must be sharper than the student (temperature 0.1): above, nothing prevents collapse.
         require(0 < getattr(args, name) <= 0.1, f"--{name} must be in (0, 0.1] (the student's temperature is "
                 f"0.1; DINO uses 0.04-0.07), got {getattr(args, name)}")
+    tracking.check_args(args)
     arch = utils.DEIT_ALIASES.get(args.arch, args.arch)
     if arch in utils.VIT_ARCHS:
         for name in ("global_crops_size", "local_crops_size"):
@@ -210,6 +217,26 @@ def build_schedules(args: argparse.Namespace, niter_per_ep: int):
     return lr_schedule, wd_schedule
 
 
+def speed_setup(args: argparse.Namespace, student_backbone: nn.Module, teacher_backbone: nn.Module) -> None:
+    """--grad_checkpointing (student), channels-last convnets on GPU and --compile, applied in place to the
+    backbones (state_dict keys unchanged). Shared with main_distill.py."""
+    if getattr(args, "grad_checkpointing", False):
+        if not hasattr(student_backbone, "set_grad_checkpointing"):
+            raise utils.UserError(f"--grad_checkpointing: {args.arch} does not support activation checkpointing")
+        student_backbone.set_grad_checkpointing(True)
+    for backbone in (student_backbone, teacher_backbone):
+        if args.device.type == "cuda" and not isinstance(backbone, vits.VisionTransformer) and \
+                any(isinstance(m, nn.Conv2d) for m in backbone.modules()):
+            # tensor-core convolutions run in NHWC; the weights' layout makes the convolutions pick it
+            backbone.to(memory_format=torch.channels_last)
+        if getattr(args, "compile", False):
+            # One graph per crop resolution (2 with multi-crop), each compiled once; in place, so that
+            # checkpoints keep their keys.
+            backbone.compile(dynamic=False)
+    if getattr(args, "compile", False):
+        print("torch.compile: the first iterations at each crop resolution compile (can take minutes).")
+
+
 def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
     """Student, teacher, loss, optimizer, precision and schedules, as the training loop uses them."""
     # ============ building student and teacher networks ... ============
@@ -219,6 +246,7 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
         embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
     teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
+    speed_setup(args, student.backbone, teacher.backbone)
 
     distributed = args.world_size > 1
     if utils.has_batchnorms(student) and distributed and args.device.type == "cuda":

@@ -236,6 +236,7 @@ def train_distill(args: argparse.Namespace) -> None:
     ibot_head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head,
                               norm_last_layer=args.norm_last_layer) if args.ibot_separate_head else None
     student = DistillStudent(backbone, head, ibot_head, CLSTokenLoss(dim, t_dim)).to(args.device)
+    main_dino.speed_setup(args, student.backbone, t_backbone)
     if args.world_size > 1:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[args.gpu] if args.device.type == "cuda" else None)

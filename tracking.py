@@ -19,7 +19,7 @@
         save({"tracking": tracker.state_dict(), ...})  # the W&B run id, for the resumed run
 
 The values are device tensors: they are stacked and copied to the host asynchronously when logged, and
-read one logging period later, so that logging never makes the host wait for the device. tensorboard and
+read one logging period later, so that logging does not make the host wait for the device. tensorboard and
 wandb are imported only when asked for; a missing package stops the run before it starts, in one line.
 """
 import argparse
@@ -27,10 +27,9 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -141,18 +140,21 @@ def _new_run_id() -> str:
 
 
 def _wandb_server_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the W&B server (WANDB_BASE_URL, else W&B's cloud) opens within
-    `timeout` s; name resolution included (in a thread, since it has no timeout of its own)."""
-    from urllib.parse import urlparse
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """Whether the W&B server (WANDB_BASE_URL, else W&B's cloud) answers an HTTP request within `timeout`
+    s (any HTTP status counts: it answered). Run in a thread, since name resolution has no timeout of its own;
+    a sandbox that accepts every TCP connection but forwards nothing is seen as offline."""
+    import urllib.error
+    import urllib.request
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/") + "/healthz"
     result = [False]
 
     def probe() -> None:
         try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             result[0] = True
-        except (OSError, ValueError):
+        except urllib.error.HTTPError:
+            result[0] = True  # an answer, even an error status: the server is there
+        except Exception:
             pass
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -244,9 +246,9 @@ class Tracker:
 
     def _open_wandb(self) -> None:
         import wandb
-        run_id = self.state.get("wandb_run_id") or _new_run_id()
+        resumed = self.start_iteration > 0 and bool(self.state.get("wandb_run_id"))
+        run_id = self.state["wandb_run_id"] if resumed else _new_run_id()
         self.state["wandb_run_id"] = run_id
-        resumed = self.start_iteration > 0 and "wandb_run_id" in self.state
         mode = os.environ.get("WANDB_MODE")  # the user's choice wins (online, offline, disabled)
         if mode is None and not _wandb_server_reachable():
             mode = "offline"
@@ -260,17 +262,17 @@ class Tracker:
         except Exception as e:  # not logged in, server error: keep training, offline
             if mode == "offline":
                 raise
-            print(f"W&B: could not start online ({utils._first_line(e)}): logging offline.")
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"W&B: could not start online ({reason}): logging offline.")
             mode = "offline"
             self.wandb_run = wandb.init(mode=mode, **kwargs)
         # an online run that is resumed already holds the steps up to its last one: they are not sent again
         self._wandb_min_step = int(getattr(self.wandb_run, "step", 0) or 0) if resumed else 0
-        self.wandb_offline = self.wandb_run.settings.mode == "offline" or mode == "offline"
+        mode = str(getattr(self.wandb_run.settings, "mode", mode or "online"))
         where = os.path.join(self.output_dir, "wandb")
-        print(f"W&B: run {run_id} ({'resumed' if resumed else 'new'}, "
-              f"{'offline' if self.wandb_offline else 'online'}) in {where}.")
-        if self.wandb_offline:
-            print(f"W&B: to upload it, once online: wandb sync {os.path.join(where, 'offline-run-*')} "
+        print(f"W&B: run {run_id} ({'resumed' if resumed else 'new'}, {mode}) in {where}.")
+        if mode == "offline":
+            print(f"W&B: to upload it, once online: wandb sync {os.path.join(where, 'offline-run-*-' + run_id)} "
                   "(every part of a resumed run goes to the same W&B run).")
 
     def close(self, interrupted: bool = False, failed: bool = False) -> None:
@@ -339,14 +341,13 @@ class Tracker:
         if not self.active:
             return
         self.flush()
-        numbers = {f"epoch/{k}": v for k, v in stats.items() if _is_number(v)}
+        numbers = {f"epoch/{k}": v for k, v in stats.items() if _is_number(v) and k != "epoch"}
         if self.tb_writer is not None:
             for k, v in numbers.items():
-                if k != "epoch/epoch":
-                    self.tb_writer.add_scalar(k, v, step)
+                self.tb_writer.add_scalar(k, v, step)
             self.tb_writer.flush()
         if self.wandb_run is not None and step >= self._wandb_min_step:
-            self.wandb_run.log(numbers, step=step)
+            self.wandb_run.log({**numbers, "epoch": stats.get("epoch", step // self.iters_per_epoch)}, step=step)
 
     def flush(self) -> None:
         """Write every pending iteration (waits for the device)."""

@@ -866,6 +866,11 @@ def write_json_lines(path: str, records: Sequence[Dict[str, Any]]) -> None:
 # The curves a DINO researcher looks at first, in this order; other numeric keys follow.
 CURVE_KEYS = ("train_loss", "knn_top1", "train_lr", "train_wd", "train_teacher_momentum", "train_teacher_temp")
 CURVE_SKIP = ("epoch", "bad_images", "train_bad_images")
+# Panel titles a reader recognises at a glance (the log.txt key follows in brackets).
+CURVE_TITLES = {"train_loss": "training loss", "knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)",
+                "test_acc1": "linear top-1 (%)", "test_acc5": "linear top-5 (%)", "train_lr": "learning rate",
+                "train_wd": "weight decay", "train_teacher_momentum": "teacher momentum",
+                "train_teacher_temp": "teacher temperature", "train_images_per_sec": "images/s"}
 
 
 def read_log(path: str) -> List[Dict[str, Any]]:
@@ -891,11 +896,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]] = None) -> Optional[str]:
+def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]] = None,
+                         keys: Optional[Sequence[str]] = None) -> Optional[str]:
     """Plot the numeric keys of one or several runs' log.txt against the epoch into one PNG.
 
-    `log_paths`: a log.txt, an output folder, or a list of them (one line per run in every panel).
-    Loss, k-NN accuracy, learning rate, weight decay, teacher momentum and temperature come first.
+    `log_paths`: a log.txt, an output folder, or a list of them (one line per run in every panel, one legend
+    for the figure). Loss, k-NN accuracy, learning rate, weight decay, teacher momentum and temperature come
+    first; `keys` plots only those of the given keys that some run has, in that order.
     Returns the PNG path, or None when there is nothing to plot or matplotlib is not installed.
     """
     if isinstance(log_paths, str):
@@ -904,36 +911,47 @@ def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]
     if labels is None:
         labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) if p.endswith(".txt")
                   else os.path.basename(os.path.abspath(p)) for p in log_paths]
-    keys = []
+    found: List[str] = []
     for records in runs:
         for record in records:
-            keys += [k for k, v in record.items() if _is_number(v) and k not in CURVE_SKIP and k not in keys]
-    keys = [k for k in CURVE_KEYS if k in keys] + [k for k in keys if k not in CURVE_KEYS]
+            found += [k for k, v in record.items() if _is_number(v) and k not in CURVE_SKIP and k not in found]
+    if keys is not None:
+        keys = [k for k in keys if k in found]
+    else:
+        keys = [k for k in CURVE_KEYS if k in found] + [k for k in found if k not in CURVE_KEYS]
     if not keys:
         return None
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed: no training-curve plot (pip install matplotlib)")
         return None
     ncols = min(3, len(keys))
     nrows = (len(keys) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+    legend = 0.5 if len(runs) > 1 else 0.0  # inches on top for the one legend of several runs
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + legend), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = {}
     for ax, key in zip(axes.flat, keys):
-        for records, label in zip(runs, labels):
-            points = [(r.get("epoch", i), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-        ax.set_title(key)
+        for i, (records, label) in enumerate(zip(runs, labels)):
+            points = [(r.get("epoch", j), r[key]) for j, r in enumerate(records) if _is_number(r.get(key))]
+            if points:  # a run keeps its colour in every panel, even where another run has no value
+                handles[label], = ax.plot(*zip(*points), marker="o", markersize=3, label=label,
+                                          color=colours[i % len(colours)])
+        ax.set_title(f"{CURVE_TITLES[key]} ({key})" if key in CURVE_TITLES else key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if len(runs) > 1:
-            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
+    if legend:
+        shown = [label for label in labels if label in handles]
+        fig.legend([handles[label] for label in shown], shown, loc="upper center", ncol=min(len(shown), 5),
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - legend / fig.get_figheight()))
     tmp = f"{out_png}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -9,7 +9,8 @@ Differences from the official file, none of which changes a state_dict key or an
   on CPU); the explicit softmax is computed only when the attention weights are asked for;
 - `DINOHead.last_layer` is a small weight-normalised linear layer with the official parameter names
   (`weight_g`, `weight_v`) instead of the deprecated `torch.nn.utils.weight_norm` hook;
-- an optional learnable `mask_token` (iBOT-style masked image modelling) exists only when asked for.
+- an optional learnable `mask_token` (iBOT-style masked image modelling) exists only when asked for;
+- optional activation checkpointing (`set_grad_checkpointing()`, as in timm).
 """
 import math
 from functools import partial
@@ -18,6 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0., training: bool = False) -> torch.Tensor:
@@ -166,6 +168,12 @@ class VisionTransformer(nn.Module):
         self.apply(self._init_weights)
         if masked_im_modeling:
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (timm's name):
+        less memory for large models and batches, about one more forward pass of compute."""
+        self.grad_checkpointing = enable
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -216,7 +224,10 @@ class VisionTransformer(nn.Module):
         """All normalised tokens [B, 1 + num_patches, D] (CLS first)."""
         x = self.prepare_tokens(x, masks)
         for blk in self.blocks:
-            x = blk(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ logger package in one line, and training runs of main_dino.py, main_distill.py a
 are interrupted and resume into one continuous curve and one W&B run."""
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -98,11 +99,9 @@ def test_history_is_written_every_log_freq_and_read_back(tmp_path, monkeypatch):
     assert (out / (tracking.HISTORY_FILE + ".old")).is_file()
 
     # a DataFrame when pandas is there; otherwise a clear message
-    try:
-        import pandas  # noqa: F401
-        frame = tracking.read_history(str(out))
-        assert list(frame["iteration"]) == [0]
-    except ImportError:
+    if importlib.util.find_spec("pandas") is not None:
+        assert list(tracking.read_history(str(out))["iteration"]) == [0]
+    else:
         assert isinstance(tracking.read_history(str(out)), dict)
     monkeypatch.setitem(sys.modules, "pandas", None)
     assert isinstance(tracking.read_history(str(out)), dict)
@@ -144,8 +143,8 @@ def test_wandb_offline_run_folder_and_the_same_run_after_resume(tmp_path, wandb_
     state = train(tracking.Tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8), 10)
     printed = capsys.readouterr().out
     assert "W&B: the server cannot be reached (no network?): logging offline." in printed
-    assert f"wandb sync {out / 'wandb' / 'offline-run-*'}" in printed
     run_id = state["wandb_run_id"]
+    assert f"wandb sync {out / 'wandb' / ('offline-run-*-' + run_id)}" in printed
     assert re.fullmatch(r"[a-z0-9]{8}", run_id)
     first = glob.glob(str(out / "wandb" / f"offline-run-*-{run_id}"))
     assert len(first) == 1
@@ -305,3 +304,29 @@ def test_eval_linear_logs_every_head_per_iteration(tmp_path):
     accuracy, tags = scalars(out / tracking.TENSORBOARD_DIR, "epoch/test_acc1")
     assert [s for s, _ in accuracy] == [3, 7]
     assert "train/loss/lr0.01" in tags["scalars"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparison of runs
+# ----------------------------------------------------------------------------------------------------
+def test_comparison_of_three_runs_shows_loss_accuracy_and_lr(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    runs = []
+    for i, name in enumerate(("lr_low", "lr_mid", "lr_high")):
+        run = tmp_path / name
+        run.mkdir()
+        with open(run / "log.txt", "w") as f:
+            for epoch in range(4):
+                f.write(json.dumps({"train_loss": 5.0 - 0.1 * i * epoch, "train_lr": 1e-4 * (i + 1),
+                                    "train_wd": 0.04, "train_teacher_momentum": 0.996, "train_images_per_sec": 100.0,
+                                    "epoch": epoch, **({"knn_top1": 20.0 + i * epoch} if epoch % 2 else {})}) + "\n")
+        runs.append(run)
+    out = tmp_path / "cmp.png"
+    proc = run_cmd([sys.executable, REPO_ROOT / "plot_curves.py", *runs, "--output", out])
+    assert proc.stdout.splitlines()[0].split() == ["run", "epoch", "train_loss", "knn_top1"]
+    assert proc.stdout.splitlines()[3].split() == ["lr_high", "3", "4.4", "26"]
+    width, height = Image.open(out).size
+    assert width > 1000 and height < 450, "one row: loss, k-NN top-1, lr, under one legend"
+    run_cmd([sys.executable, REPO_ROOT / "plot_curves.py", *runs, "--output", out, "--all"])
+    assert Image.open(out).size[1] > 1.5 * height, "--all: every metric (6 panels in 2 rows)"
