@@ -71,6 +71,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "synthetic random tensors (the step alone)")
     p.add_argument("--num_workers", default=2, type=int, help="data loading workers with --data_path")
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--compile", action="store_true", help="ours with --compile true (torch.compile the backbones; "
+                   "the warm-up iterations include the compilation, so use --warmup 3 or more)")
+    p.add_argument("--grad_checkpointing", action="store_true", help="ours with --grad_checkpointing true")
     p.add_argument("--repeats", default=1, type=int,
                    help="run each implementation this many times (alternating order, a fresh process each); "
                         "the summary takes the median of the per-run medians")
@@ -211,7 +214,8 @@ def run_ours(bench, device, torch, synthetic):
             "--batch_size_per_gpu", str(bench.batch_size), "--local_crops_number", str(bench.local_crops_number),
             "--global_crops_size", str(bench.global_crops_size), "--local_crops_size", str(bench.local_crops_size),
             "--num_workers", str(bench.num_workers), "--seed", str(bench.seed), "--output_dir", out_dir,
-            "--data_path", bench.data_path or "synthetic"]
+            "--data_path", bench.data_path or "synthetic",
+            "--compile", str(bench.compile), "--grad_checkpointing", str(bench.grad_checkpointing)]
     args = main_dino.get_args_parser().parse_args(argv)
     os.rmdir(out_dir)  # train_one_epoch writes nothing; only the flag needs a value
     main_dino.check_args(args)
