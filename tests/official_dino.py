@@ -19,20 +19,23 @@ relevant pieces of the official repository https://github.com/facebookresearch/d
 - ``vision_transformer.py``: drop_path, DropPath, Mlp, Attention, Block, PatchEmbed,
   VisionTransformer, vit_tiny / vit_small / vit_base, DINOHead;
 - ``utils.py``: trunc_normal_, MultiCropWrapper, cosine_scheduler, clip_gradients,
-  cancel_gradients_last_layer, get_params_groups;
-- ``main_dino.py``: DINOLoss;
+  cancel_gradients_last_layer, get_params_groups, GaussianBlur, Solarization;
+- ``main_dino.py``: DINOLoss, DataAugmentationDINO (with torchvision's ImageFolder loader, ``pil_loader``);
 - ``eval_knn.py``: knn_classifier.
 
 It is used ONLY by the test-suite to check that the framework's own implementation is
 numerically equal to the official one. It is not part of the framework and must not be
 imported by any framework module.
 
-Deviations from the official code (both needed to run it in a test process):
+Deviations from the official code (needed to run it in a test process):
 - DINOHead suppresses the deprecation warning of ``nn.utils.weight_norm`` locally;
 - DINOLoss.update_center all-reduces only when a process group is initialised
-  (world size 1 otherwise); the official code calls ``dist.all_reduce`` unconditionally.
+  (world size 1 otherwise); the official code calls ``dist.all_reduce`` unconditionally;
+- DataAugmentationDINO takes the crop sizes as keyword arguments (defaults 224 and 96, the
+  official hard-coded values), so that tests can run it on small crops.
 """
 import math
+import random
 import warnings
 from functools import partial
 
@@ -41,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
 
 
 # --------------------------------------------------------------------------------------
@@ -609,3 +613,98 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     top1 = top1 * 100.0 / total
     top5 = top5 * 100.0 / total
     return top1, top5
+
+
+# --------------------------------------------------------------------------------------
+# utils.py: GaussianBlur, Solarization; main_dino.py: DataAugmentationDINO
+# --------------------------------------------------------------------------------------
+class GaussianBlur(object):
+    """
+    Apply Gaussian Blur to the PIL image.
+    """
+    def __init__(self, p=0.5, radius_min=0.1, radius_max=2.):
+        self.prob = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img):
+        do_it = random.random() <= self.prob
+        if not do_it:
+            return img
+
+        return img.filter(
+            ImageFilter.GaussianBlur(
+                radius=random.uniform(self.radius_min, self.radius_max)
+            )
+        )
+
+
+class Solarization(object):
+    """
+    Apply Solarization to the PIL image.
+    """
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() < self.p:
+            return ImageOps.solarize(img)
+        else:
+            return img
+
+
+def pil_loader(path):
+    # torchvision.datasets.folder.pil_loader, ImageFolder's default loader
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class DataAugmentationDINO(object):
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
+                 global_crops_size=224, local_crops_size=96):
+        from torchvision import transforms
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                p=0.8
+            ),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])
+
+        # first global crop
+        self.global_transfo1 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=Image.BICUBIC),
+            flip_and_color_jitter,
+            GaussianBlur(1.0),
+            normalize,
+        ])
+        # second global crop
+        self.global_transfo2 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=Image.BICUBIC),
+            flip_and_color_jitter,
+            GaussianBlur(0.1),
+            Solarization(0.2),
+            normalize,
+        ])
+        # transformation for the local small crops
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=Image.BICUBIC),
+            flip_and_color_jitter,
+            GaussianBlur(p=0.5),
+            normalize,
+        ])
+
+    def __call__(self, image):
+        crops = []
+        crops.append(self.global_transfo1(image))
+        crops.append(self.global_transfo2(image))
+        for _ in range(self.local_crops_number):
+            crops.append(self.local_transfo(image))
+        return crops

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
 from conftest import noise_image
 import data
@@ -68,44 +68,36 @@ def test_augmentation_of_constant_image_is_imagenet_normalised():
             assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
 
 
-class _Labelled:
-    """Wraps a crop transform and records which one is running, for the spies below."""
-    current = None
-
-    def __init__(self, label, fn):
-        self.label, self.fn = label, fn
-
-    def __call__(self, img):
-        _Labelled.current = self.label
-        try:
-            return self.fn(img)
-        finally:
-            _Labelled.current = None
-
-
 def test_augmentation_probabilities(monkeypatch):
     """Over 300 calls: blur always on g1, ~10% on g2, ~50% on locals; solarization only on g2 (~20%);
-    grayscale ~20% on every crop."""
+    grayscale ~20% on every crop. The drawn parameters (recorded per crop transform) have these
+    frequencies, and the pixel operations run exactly as often as drawn (counted per crop size)."""
     n_calls, n_local = 300, 2
     aug = small_aug(n_local, 32, 16)
-    aug.global_transfo1 = _Labelled("g1", aug.global_transfo1)
-    aug.global_transfo2 = _Labelled("g2", aug.global_transfo2)
-    aug.local_transfo = _Labelled("local", aug.local_transfo)
+    drawn = collections.defaultdict(list)
+    for label in ("global_transfo1", "global_transfo2", "local_transfo"):
+        transform = getattr(aug, label)
+
+        def record(height, width, sample=transform.sample, label=label):
+            drawn[label].append(sample(height, width))
+            return drawn[label][-1]
+        monkeypatch.setattr(transform, "sample", record)
 
     solarized, blurred, radii = collections.Counter(), collections.Counter(), []
-    real_solarize, real_blur = ImageOps.solarize, ImageFilter.GaussianBlur
+    real_solarize, real_blur = data.solarize, data.gaussian_blur
 
-    def spy_solarize(img, *a, **k):
-        solarized[_Labelled.current] += 1
-        return real_solarize(img, *a, **k)
+    def spy_solarize(x, *a, **k):
+        solarized[x.shape[-1]] += 1
+        return real_solarize(x, *a, **k)
 
-    def spy_blur(radius=2):
-        blurred[_Labelled.current] += 1
-        radii.append(radius)
-        return real_blur(radius=radius)
+    def spy_blur(x, sigma, *a, **k):
+        sigmas = [sigma] if isinstance(sigma, float) else list(sigma)
+        blurred[x.shape[-1]] += len(sigmas)
+        radii.extend(sigmas)
+        return real_blur(x, sigma, *a, **k)
 
-    monkeypatch.setattr(data.ImageOps, "solarize", spy_solarize)
-    monkeypatch.setattr(data.ImageFilter, "GaussianBlur", spy_blur)
+    monkeypatch.setattr(data, "solarize", spy_solarize)
+    monkeypatch.setattr(data, "gaussian_blur", spy_blur)
 
     img = noise_image((40, 40))
     random.seed(123)
@@ -116,17 +108,28 @@ def test_augmentation_probabilities(monkeypatch):
         for i, c in enumerate(crops):
             raw = c * STD + MEAN
             if torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5):
-                gray["g1" if i == 0 else "g2" if i == 1 else "local"] += 1
+                gray["global_transfo1" if i == 0 else "global_transfo2" if i == 1 else "local_transfo"] += 1
 
-    assert None not in solarized and None not in blurred  # every call came from a crop transform
-    assert solarized["g1"] == 0 and solarized["local"] == 0, solarized
-    assert 30 <= solarized["g2"] <= 95, solarized  # Binomial(300, 0.2): mean 60, sd 6.9
-    assert blurred["g1"] == n_calls, blurred
-    assert 10 <= blurred["g2"] <= 55, blurred  # Binomial(300, 0.1): mean 30, sd 5.2
-    assert 240 <= blurred["local"] <= 360, blurred  # Binomial(600, 0.5): mean 300, sd 12
+    count = {label: collections.Counter() for label in drawn}
+    for label, params in drawn.items():
+        for p in params:
+            count[label].update(blur=p.blur is not None, solarize=bool(p.solarize), gray=bool(p.gray))
+    g1, g2, local = count["global_transfo1"], count["global_transfo2"], count["local_transfo"]
+    assert len(drawn["global_transfo1"]) == len(drawn["global_transfo2"]) == n_calls
+    assert len(drawn["local_transfo"]) == n_local * n_calls
+    assert g1["solarize"] == 0 and local["solarize"] == 0, count
+    assert 30 <= g2["solarize"] <= 95, count  # Binomial(300, 0.2): mean 60, sd 6.9
+    assert g1["blur"] == n_calls, count
+    assert 10 <= g2["blur"] <= 55, count  # Binomial(300, 0.1): mean 30, sd 5.2
+    assert 240 <= local["blur"] <= 360, count  # Binomial(600, 0.5): mean 300, sd 12
+    # the pixel operations ran as drawn (32 px: the global crops, 16 px: the local ones)
+    assert solarized == {32: g2["solarize"]}, (solarized, count)
+    assert blurred == {32: g1["blur"] + g2["blur"], 16: local["blur"]}, (blurred, count)
     assert min(radii) >= 0.1 and max(radii) <= 2.0
-    for key, n in (("g1", n_calls), ("g2", n_calls), ("local", n_local * n_calls)):
-        assert 0.1 * n <= gray[key] <= 0.32 * n, (key, gray)  # RandomGrayscale(p=0.2)
+    for label, n in (("global_transfo1", n_calls), ("global_transfo2", n_calls), ("local_transfo", n_local * n_calls)):
+        assert 0.1 * n <= count[label]["gray"] <= 0.32 * n, (label, count)  # RandomGrayscale(p=0.2)
+        # grayscale crops have equal channels (a colour crop of a noise image practically never does)
+        assert gray[label] == count[label]["gray"], (label, gray, count)
 
 
 def test_solarization_and_blur_classes():
