@@ -54,13 +54,23 @@ def run_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespa
         main(args)
     except UserError as e:
         sys.stderr.write(f"{rank()}error: {e}\n")
-        sys.stderr.flush()
-        sys.exit(2)
+        _exit(2)
     except TrainingInterrupted as e:
         if is_main_process():
             sys.stderr.write(f"{e}\n")
-            sys.stderr.flush()
-        sys.exit(128 + e.signum)
+        _exit(128 + e.signum)
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()  # left to interpreter exit, its teardown can abort or hang
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if is_dist_avail_and_initialized():
+        # The other ranks may be gone or still inside a collective: tearing the process group down (here or at
+        # interpreter exit) can hang or abort ("terminate called without an active exception"). Leave at once.
+        os._exit(code)
+    sys.exit(code)
 
 
 def bool_flag(s: str) -> bool:
