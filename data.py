@@ -1075,12 +1075,27 @@ class BadImageTracker:
         return len(self.seen)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # The signals that ask training to stop (Ctrl-C, SLURM's SIGTERM and USR2, sent to every process of
-    # the job) are for the main process, which finishes its iteration and checkpoints; a worker killed by
-    # one would crash it first. Workers still exit when the main process does.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+def _ignore_stop_signals() -> None:
+    """In a data-loader worker: the signals that ask training to stop (Ctrl-C, SLURM's SIGTERM and USR2, sent
+    to every process of the job) are for the main process, which finishes its iteration and checkpoints; a
+    worker killed by one would crash it first. A SIGTERM from the main process itself (the DataLoader or
+    multiprocessing shutting its workers down) still ends the worker: a waiting thread tells them apart by
+    the sender."""
+    for signum in (signal.SIGINT, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait_for_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
+
+
+def _seed_worker(worker_id: int) -> None:
+    _ignore_stop_signals()
     # Per-sample seeding makes augmentations independent of this; it seeds any other randomness.
     info = torch.utils.data.get_worker_info()
     base = info.seed % 2**32
