@@ -230,7 +230,7 @@ class Tracker:
         """Keep the iterations before the one this run resumes at (those after the checkpoint are redone)."""
         if not os.path.isfile(self.history_path):
             return
-        kept = [r for r in _read_records(self.history_path) if r.get("iteration", -1) < self.start_iteration]
+        kept = [r for r in utils.read_log(self.history_path) if r.get("iteration", -1) < self.start_iteration]
         utils.write_json_lines(self.history_path, kept)
 
     def _open_tensorboard(self) -> None:
@@ -378,19 +378,6 @@ class Tracker:
 # ----------------------------------------------------------------------------------------------------
 # Reading a run's history
 # ----------------------------------------------------------------------------------------------------
-def _read_records(path: str) -> List[Dict[str, Any]]:
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
 def read_history(path: str, as_dataframe: Optional[bool] = None):
     """A run's per-iteration history: `path` is its output folder or its log_iters.jsonl.
 
@@ -401,7 +388,7 @@ def read_history(path: str, as_dataframe: Optional[bool] = None):
         path = os.path.join(path, HISTORY_FILE)
     if not os.path.isfile(path):
         raise utils.UserError(f"{path} does not exist: give a run's output folder or its {HISTORY_FILE}")
-    records = _read_records(path)
+    records = utils.read_log(path)  # skips a line cut short by a crash
     if as_dataframe is None or as_dataframe:
         try:
             import pandas
