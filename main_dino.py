@@ -58,10 +58,12 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
 
     # Training/Optimization parameters
     parser.add_argument('--use_fp16', type=utils.bool_flag, default=True, help="""Whether or not to use mixed
-        precision on GPU (bf16 autocast where supported, else fp16 with a gradient scaler; see --amp_dtype).
-        Ignored on CPU, which trains in fp32.""")
+        precision (bf16 autocast on GPUs that support it, else fp16 with a gradient scaler; see --amp_dtype).
+        On CPU it takes effect only with --amp_dtype bf16; otherwise CPU trains in fp32.""")
     parser.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'],
-                        help="Mixed-precision type on GPU when --use_fp16 is on: auto = bf16 where supported.")
+                        help="""Mixed-precision type when --use_fp16 is on. auto: bf16 on GPUs that support it,
+        else fp16 with a gradient scaler; fp32 on CPU. bf16: bf16 autocast on GPU and also on CPU (fast on CPUs
+        with AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire Rapids; slow elsewhere). fp16: GPU only.""")
     parser.add_argument('--weight_decay', type=float, default=0.04, help="""Initial value of the weight
         decay. With ViT, a smaller value at the beginning of training works well.""")
     parser.add_argument('--weight_decay_end', type=float, default=0.4, help="""Final value of the weight
@@ -167,15 +169,32 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def precision_setup(args: argparse.Namespace):
-    """(autocast context factory, GradScaler or None, description) for this device and the flags."""
-    if args.device.type != "cuda" or not args.use_fp16:
-        reason = "CPU" if args.device.type != "cuda" else "--use_fp16 false"
-        return contextlib.nullcontext, None, f"fp32 ({reason})"
+    """(autocast context factory, GradScaler or None, description) for this device and the flags.
+
+    Weights, optimizer state, the loss's centre and the EMA stay fp32 whatever the precision: autocast only
+    runs the matrix products (and what torch lists with them) in the low-precision type."""
+    if not args.use_fp16:
+        return contextlib.nullcontext, None, "fp32 (--use_fp16 false)"
+    if args.device.type != "cuda":
+        if args.amp_dtype != "bf16":
+            return contextlib.nullcontext, None, \
+                f"fp32 (CPU; --amp_dtype bf16 turns on bf16 autocast{cpu_bf16_note()})"
+        return (lambda: torch.autocast(args.device.type, dtype=torch.bfloat16)), None, \
+            f"bf16 autocast on {args.device.type.upper()}{cpu_bf16_note()}"
     use_bf16 = args.amp_dtype == "bf16" or (args.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if use_bf16 else torch.float16
     scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, \
         f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
+
+
+def cpu_bf16_note() -> str:
+    """Whether this CPU computes bf16 natively (oneDNN's check); without it bf16 is emulated and slower than fp32."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "" if native else "; this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 would be slower than fp32"
 
 
 def build_data(args: argparse.Namespace, mask_sampler: Optional[data.BlockMaskSampler] = None):

@@ -74,6 +74,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="ours with --compile true (torch.compile the backbones; "
                    "the warm-up iterations include the compilation, so use --warmup 3 or more)")
     p.add_argument("--grad_checkpointing", action="store_true", help="ours with --grad_checkpointing true")
+    p.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
+                   help="ours with this --amp_dtype (and --use_fp16 true): auto = bf16 on GPUs that support it, "
+                        "fp32 on CPU; bf16 also turns on bf16 autocast on CPU. The official code runs fp16 + "
+                        "GradScaler on CUDA and fp32 on CPU, whatever this flag")
     p.add_argument("--repeats", default=1, type=int,
                    help="run each implementation this many times (alternating order, a fresh process each); "
                         "the summary takes the median of the per-run medians")
@@ -215,7 +219,8 @@ def run_ours(bench, device, torch, synthetic):
             "--global_crops_size", str(bench.global_crops_size), "--local_crops_size", str(bench.local_crops_size),
             "--num_workers", str(bench.num_workers), "--seed", str(bench.seed), "--output_dir", out_dir,
             "--data_path", bench.data_path or "synthetic",
-            "--compile", str(bench.compile), "--grad_checkpointing", str(bench.grad_checkpointing)]
+            "--compile", str(bench.compile), "--grad_checkpointing", str(bench.grad_checkpointing),
+            "--amp_dtype", bench.amp_dtype]
     args = main_dino.get_args_parser().parse_args(argv)
     os.rmdir(out_dir)  # train_one_epoch writes nothing; only the flag needs a value
     main_dino.check_args(args)

@@ -1,9 +1,17 @@
 """Shared pytest fixtures: repository root on sys.path, the real-data location, small helpers."""
+import fcntl
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -70,7 +78,6 @@ def tiny_folder(tmp_path):
 
 def run_cmd(args, cwd=REPO_ROOT, timeout=600, env=None, check=True):
     """Run a command line (list) with the repo on PYTHONPATH; return the CompletedProcess."""
-    import subprocess
     full_env = dict(os.environ)
     full_env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS", "1"),
                      "PYTHONUNBUFFERED": "1"})
@@ -91,6 +98,72 @@ def run_cmd(args, cwd=REPO_ROOT, timeout=600, env=None, check=True):
                              f"--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
     return proc
 
+
+
+def child_env(**extra) -> dict:
+    """Environment of a script run by a test: the repo importable, one thread (the same bits in every run of
+    a comparison), unbuffered output (lines arrive as they are printed)."""
+    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def script(name: str, *args) -> list:
+    """Command line of one of the repository's scripts."""
+    return [sys.executable, str(REPO_ROOT / name), *map(str, args)]
+
+
+def read_log(out_dir: Path, name: str = "log.txt") -> list:
+    """The JSON lines a run wrote."""
+    with open(Path(out_dir) / name) as f:
+        return [json.loads(line) for line in f]
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def kill_group(pgid: int, signum=signal.SIGKILL):
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def stop_when(cmd, pattern: str, send, timeout: float = 600, env: Optional[dict] = None):
+    """Run `cmd` in a session of its own (a signal to the group reaches its data-loader workers too, as on
+    SLURM); when a line of its output matches `pattern`, call `send(proc)`; return (exit code, output).
+
+    The output comes through a pipe of one page, read line by line: the run cannot get more than a page (a few
+    progress lines) ahead of the line matched, so that what `send` does lands within a few iterations of it
+    however loaded the machine. The process group is always killed in the end."""
+    proc = subprocess.Popen([str(a) for a in cmd], env=env or child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, bufsize=0, start_new_session=True)
+    watchdog = threading.Timer(timeout, kill_group, (proc.pid,))
+    lines, sent = [], False
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        watchdog.start()
+        for line in iter(proc.stdout.readline, b""):
+            lines.append(line.decode(errors="replace"))
+            if not sent and re.search(pattern, lines[-1]):
+                send(proc)
+                sent = True
+        proc.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        kill_group(proc.pid)  # never leave a run or its workers behind, whatever failed
+        proc.wait()
+        proc.stdout.close()
+    assert sent, "the pattern never appeared:\n" + "".join(lines[-30:])
+    return proc.returncode, "".join(lines)
+
+
+def assert_same_log(ref: Path, resumed: Path, timing_keys: set):
+    """Every epoch logged exactly once, with the same values but for the timings."""
+    ref_log, res_log = read_log(ref), read_log(resumed)
+    assert [r["epoch"] for r in res_log] == [r["epoch"] for r in ref_log], "every epoch logged exactly once"
+    for a, b in zip(ref_log, res_log):
+        assert {k: v for k, v in a.items() if k not in timing_keys} == \
+               {k: v for k, v in b.items() if k not in timing_keys}
 
 # ----------------------------------------------------------------------------------------------------
 # A real single-node SLURM cluster for tests/slurm (see tests/slurm/cluster.sh)

@@ -1,17 +1,13 @@
 """eval_linear.py: the official linear probe, several heads in one pass, cached features, resume, --evaluate,
 torchrun accounting, unreadable images, flag errors, and the exact mid-epoch resume after a signal or a crash. Tiny: vit_tiny on 32-px images, a few dozen of them."""
 import argparse
-import fcntl
-import json
 import math
 import os
 import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -21,7 +17,7 @@ import torch.nn.functional as F
 import data
 import eval_linear
 import utils
-from conftest import REPO_ROOT, make_subset, run_cmd
+from conftest import REPO_ROOT, assert_same_log, load_checkpoint, make_subset, read_log, run_cmd, stop_when
 
 # 3 colours x (8 train, 5 val) images of 32 px: random vit_tiny features separate them perfectly.
 TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--resize_size", "32", "--crop_size", "32",
@@ -55,11 +51,6 @@ def parse(*argv):
 def run(*argv):
     """eval_linear in this process (no interpreter start-up)."""
     return eval_linear.eval_linear(parse(*argv))
-
-
-def read_log(out_dir):
-    with open(out_dir / "log.txt") as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -361,55 +352,10 @@ def script(data_path, out_dir, *flags):
             *RESUME, *flags]
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def kill_group(pgid, signum=signal.SIGKILL):
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def stop_when(cmd, pattern, send, timeout=300):
-    """Run `cmd` in a session of its own (a signal to the group reaches its data-loader workers too, as on
-    SLURM); when a line of its output matches `pattern`, call `send(proc)`; return (exit code, output).
-
-    The output comes through a pipe of one page, read byte by byte: the run cannot get more than a page (a few
-    progress lines) ahead of the line matched, so that what `send` does lands within a few iterations of it
-    however loaded the machine. The process group is always killed in the end."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", **ONE_THREAD)
-    proc = subprocess.Popen([str(a) for a in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            bufsize=0, start_new_session=True)
-    watchdog = threading.Timer(timeout, kill_group, (proc.pid,))
-    lines, sent = [], False
-    try:
-        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-        watchdog.start()
-        for line in iter(proc.stdout.readline, b""):
-            lines.append(line.decode(errors="replace"))
-            if not sent and re.search(pattern, lines[-1]):
-                send(proc)
-                sent = True
-        proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        kill_group(proc.pid)  # never leave a run or its workers behind, whatever failed
-        proc.wait()
-        proc.stdout.close()
-    assert sent, "the pattern never appeared:\n" + "".join(lines[-30:])
-    return proc.returncode, "".join(lines)
-
-
 def assert_same_run(ref, resumed):
     """The same log (but timings) and bit-identical heads, best head and optimizer state."""
-    ref_log, res_log = read_log(ref), read_log(resumed)
-    assert [r["epoch"] for r in res_log] == [r["epoch"] for r in ref_log], "every epoch logged exactly once"
-    for a, b in zip(ref_log, res_log):
-        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == \
-               {k: v for k, v in b.items() if k not in TIMING_KEYS}
-    a, b = load(ref / "checkpoint.pth.tar"), load(resumed / "checkpoint.pth.tar")
+    assert_same_log(ref, resumed, TIMING_KEYS)
+    a, b = load_checkpoint(ref / "checkpoint.pth.tar"), load_checkpoint(resumed / "checkpoint.pth.tar")
     for key in ("heads", "state_dict"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
@@ -459,7 +405,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(colours, cached_refe
     stopped_at = re.search(r"Stopped by SIGTERM at epoch 0, iteration (\d+)/24; the checkpoint \S+ holds this "
                            r"exact position: run the same command again to resume there.", out)
     assert stopped_at, out[-2000:]
-    ckpt = load(stopped / "checkpoint.pth.tar")
+    ckpt = load_checkpoint(stopped / "checkpoint.pth.tar")
     batches = ckpt["position"]["batches"]
     assert ckpt["epoch"] == 0 and int(stopped_at.group(1)) == batches and 2 <= batches < 24
     assert not (stopped / "log.txt").exists() or not (stopped / "log.txt").read_text().strip()
@@ -490,7 +436,7 @@ def test_augmented_images_with_workers_resume_exactly(colours, tmp_path):
     code, out = stop_when(cmd, r"Epoch: \[1\]\s+\[ 1/24\]", lambda p: os.killpg(p.pid, signal.SIGUSR2))
     assert code == 128 + signal.SIGUSR2, out[-3000:]
     assert re.search(r"Stopped by SIGUSR2 at epoch 1, iteration \d+/24", out) and "Traceback" not in out
-    ckpt = load(stopped / "checkpoint.pth.tar")
+    ckpt = load_checkpoint(stopped / "checkpoint.pth.tar")
     batches = ckpt["position"]["batches"]
     assert ckpt["epoch"] == 1 and 2 <= batches < 24 and len(read_log(stopped)) == 1
 
@@ -508,7 +454,7 @@ def test_kill9_after_periodic_mid_epoch_checkpoint(colours, cached_reference, tm
     # checkpointed when the progress line of its iteration 10 (printed after the step) appears
     code, _ = stop_when(cmd, r"Epoch: \[1\]\s+\[10/24\]", lambda p: os.killpg(p.pid, signal.SIGKILL))
     assert code == -signal.SIGKILL
-    ckpt = load(killed / "checkpoint.pth.tar")
+    ckpt = load_checkpoint(killed / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["position"]["batches"] in (11, 16, 21)
     proc = run_cmd(cmd, env=ONE_THREAD)
     assert f"Resuming epoch 1 at batch {ckpt['position']['batches']} of 24" in proc.stdout

@@ -1,6 +1,5 @@
 """Fault injection, for real: kill -9 at random moments, a full disk, a killed rank, ranks that disagree, bad
 images of every kind, a pickle payload given to every script that reads weights, non-finite steps."""
-import json
 import os
 import random
 import resource
@@ -13,28 +12,11 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, noise_image, run_cmd
+from conftest import REPO_ROOT, child_env, load_checkpoint, noise_image, read_log, run_cmd, script
 
 FAST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
         "--local_crops_number", "2", "--out_dim", "256", "--batch_size_per_gpu", "16", "--warmup_epochs", "1",
         "--print_freq", "1", "--saveckp_freq", "0"]
-
-
-def env(**extra):
-    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", **extra)
-
-
-def script(name, *args):
-    return [sys.executable, str(REPO_ROOT / name), *map(str, args)]
-
-
-def read_log(out_dir):
-    with open(out_dir / "log.txt") as f:
-        return [json.loads(line) for line in f]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,7 +35,7 @@ def test_repeated_kill9_at_random_moments(cifar_subset, tmp_path):
     rng = random.Random(0)
     kills = 0
     for attempt in range(5):
-        proc = subprocess.Popen(script("main_dino.py", *common, "--output_dir", killed), env=env(),
+        proc = subprocess.Popen(script("main_dino.py", *common, "--output_dir", killed), env=child_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             if attempt == 1:  # at the moment a checkpoint write starts
@@ -70,7 +52,7 @@ def test_repeated_kill9_at_random_moments(cifar_subset, tmp_path):
                 kills += 1
             proc.wait()
         if (killed / "checkpoint.pth").exists():
-            load(killed / "checkpoint.pth")  # never unloadable
+            load_checkpoint(killed / "checkpoint.pth")  # never unloadable
         if (killed / "log.txt").exists():
             epochs = [r["epoch"] for r in read_log(killed)]
             assert epochs == sorted(set(epochs)), f"duplicate or unordered epochs in log.txt: {epochs}"
@@ -80,7 +62,7 @@ def test_repeated_kill9_at_random_moments(cifar_subset, tmp_path):
 
     run_cmd(script("main_dino.py", *common, "--output_dir", killed))
     assert [r["epoch"] for r in read_log(killed)] == [0, 1, 2, 3], "every epoch logged exactly once"
-    a, b = load(ref / "checkpoint.pth"), load(killed / "checkpoint.pth")
+    a, b = load_checkpoint(ref / "checkpoint.pth"), load_checkpoint(killed / "checkpoint.pth")
     for name in a["teacher"]:
         assert torch.equal(a["teacher"][name], b["teacher"][name]), f"teacher.{name} differs"
     drop = {"train_images_per_sec", "train_epoch_time"}
@@ -100,7 +82,7 @@ def test_full_disk_keeps_previous_checkpoint_and_says_so(cifar_subset, tmp_path)
 
     def small_file_limit():  # files larger than half a checkpoint cannot be written (EFBIG), as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, len(good) // 2))
-    proc = subprocess.run(script("main_dino.py", *common, "--epochs", 2), env=env(), capture_output=True,
+    proc = subprocess.run(script("main_dino.py", *common, "--epochs", 2), env=child_env(), capture_output=True,
                           text=True, preexec_fn=small_file_limit, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "could not write checkpoint" in proc.stderr and "The previous checkpoint, if any, is intact" in proc.stderr
@@ -122,7 +104,7 @@ def test_killed_rank_does_not_hang_the_other(cifar_subset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO_ROOT / "main_dino.py"), "--data_path", str(cifar_subset), "--output_dir", str(out),
            "--epochs", "5", "--num_workers", "0", "--dist_timeout", "2", *FAST]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines = []
     try:
@@ -157,7 +139,7 @@ def test_ranks_with_different_flags_stop_at_startup(cifar_subset, tmp_path):
         procs.append(subprocess.Popen(
             script("main_dino.py", "--data_path", cifar_subset, "--output_dir", tmp_path / "run", "--epochs", 1,
                    "--num_workers", 0, "--lr", lr, *FAST),
-            env=env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            env=child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
@@ -257,7 +239,7 @@ def test_pickle_payload_refused_everywhere(cifar_subset, tmp_path, where):
     else:
         cmd = script("visualize_attention.py", *vit, "--pretrained_weights", evil, "--output_dir",
                      tmp_path / "att")
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "refusing to load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists(), "the payload ran"
@@ -291,7 +273,7 @@ def _nan_run(cifar_subset, tmp_path, nan_at, *flags):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(driver), "--data_path", str(cifar_subset), "--output_dir", str(out),
                            "--epochs", "2", "--num_workers", "0", *map(str, FAST), *map(str, flags)],
-                          env=env(NAN_AT=nan_at), capture_output=True, text=True, timeout=600)
+                          env=child_env(NAN_AT=nan_at), capture_output=True, text=True, timeout=600)
     return out, proc
 
 
@@ -300,7 +282,7 @@ def test_nonfinite_steps_skipped_up_to_the_limit(cifar_subset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "non-finite loss or gradients at epoch 0, iteration 3: step skipped (1 of at most 2)" in proc.stdout
     assert "iteration 14: step skipped (2 of at most 2)" in proc.stdout
-    ckpt = load(out / "checkpoint.pth")
+    ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["nonfinite_skipped"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
     assert all(r["train_loss"] == r["train_loss"] for r in read_log(out)), "NaN reached the log"
@@ -311,7 +293,7 @@ def test_nonfinite_step_beyond_the_limit_stops_and_keeps_checkpoint(cifar_subset
     assert proc.returncode == 2
     assert "after 1 skipped step(s) (--skip_nonfinite): stopping training" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert load(out / "checkpoint.pth")["epoch"] == 1  # the good epoch-0 checkpoint, not a broken state
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1  # the good epoch-0 checkpoint, not a broken state
 
 
 def test_nonfinite_without_skipping_stops_at_once(cifar_subset, tmp_path):

@@ -1,5 +1,4 @@
 """End to end: main_dino.py on a small CIFAR-10 subset, single process and 2-process torchrun (gloo)."""
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import REPO_ROOT, read_log, run_cmd, script
 
 # Small but real: 32-px CIFAR images, vit_tiny/8, 2 x 32 px global + 2 x 16 px local crops.
 FAST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -18,12 +17,7 @@ FAST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", 
 
 
 def main_dino(*args):
-    return [sys.executable, str(REPO_ROOT / "main_dino.py"), *map(str, args)]
-
-
-def read_log(out_dir):
-    with open(out_dir / "log.txt") as f:
-        return [json.loads(line) for line in f]
+    return script("main_dino.py", *args)
 
 
 def test_single_process_run_writes_official_outputs(cifar_subset, tmp_path):
@@ -54,6 +48,41 @@ def test_single_process_run_writes_official_outputs(cifar_subset, tmp_path):
     model.load_state_dict(backbone, strict=True)
     # Training moved the teacher away from the student's initialisation but the EMA keeps them close.
     assert not torch.equal(ckpt["teacher"]["backbone.cls_token"], torch.zeros(1, 1, 192))
+
+
+def test_cpu_bf16_autocast_run(cifar_subset, tmp_path):
+    """--amp_dtype bf16 turns on bf16 autocast on CPU; weights, optimizer state and the centre stay fp32."""
+    out = tmp_path / "run"
+    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
+                             "--amp_dtype", "bf16", *FAST))
+    assert "Precision: bf16 autocast on CPU" in proc.stdout
+    log = read_log(out)
+    assert len(log) == 1 and 0 < log[0]["train_loss"] < 100
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    for key in ("student", "teacher", "dino_loss"):
+        assert all(v.dtype == torch.float32 for v in ckpt[key].values() if v.is_floating_point()), key
+    assert all(v.dtype == torch.float32 for s in ckpt["optimizer"]["state"].values()
+               for v in s.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_precision_setup_choices():
+    import argparse
+    import main_dino as md
+
+    def describe(device, use_fp16, amp_dtype):
+        args = argparse.Namespace(device=torch.device(device), use_fp16=use_fp16, amp_dtype=amp_dtype)
+        autocast, scaler, desc = md.precision_setup(args)
+        return autocast, scaler, desc
+    for amp in ("auto", "fp16"):
+        autocast, scaler, desc = describe("cpu", True, amp)
+        assert desc.startswith("fp32 (CPU; --amp_dtype bf16") and scaler is None
+        with autocast():
+            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    autocast, scaler, desc = describe("cpu", True, "bf16")
+    assert desc.startswith("bf16 autocast on CPU") and scaler is None
+    with autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    assert describe("cpu", False, "bf16")[2] == "fp32 (--use_fp16 false)"
 
 
 def _kill_after_first_checkpoint(cmd, out, timeout=300):

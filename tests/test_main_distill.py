@@ -1,13 +1,12 @@
 """main_distill.py: teachers of every kind, the five losses logged, resume with the same teacher only,
 one and two processes, and the student evaluated by eval_knn.py."""
-import json
 import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import REPO_ROOT, read_log, run_cmd
 import main_distill
 import utils
 import vision_transformer as vits
@@ -42,10 +41,6 @@ def distill_cmd(data, out, teacher, *extra, teacher_arch="vit_tiny"):
             "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", *map(str, extra)]
 
 
-def log_records(out):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-
-
 def test_distill_two_iterations_logs_every_loss_and_student_evaluates(tmp_path):
     data = image_folder(tmp_path / "data" / "train")
     image_folder(tmp_path / "data" / "val", n_per_class=2, seed=1)
@@ -55,7 +50,7 @@ def test_distill_two_iterations_logs_every_loss_and_student_evaluates(tmp_path):
                                "--knn_data_path", tmp_path / "data"))
     assert "Loaded the 'head.*' weights" in proc.stdout  # the teacher's DINO head comes from its checkpoint
     assert "Online 20-NN of the student" in proc.stdout
-    records = log_records(out)
+    records = read_log(out)
     assert len(records) == 2
     for r in records:
         for key in LOSSES:
@@ -72,6 +67,17 @@ def test_distill_two_iterations_logs_every_loss_and_student_evaluates(tmp_path):
     assert "2-NN classifier result" in knn.stdout and "WARNING" not in knn.stdout
 
 
+def test_distill_cpu_bf16_autocast(tmp_path):
+    """With --amp_dtype bf16 on CPU the five losses (SPD's float64 eigendecomposition included) stay finite."""
+    data = image_folder(tmp_path / "data" / "train")
+    main_dino_teacher(tmp_path / "teacher.pth")
+    proc = run_cmd(distill_cmd(data, tmp_path / "run", tmp_path / "teacher.pth", "--amp_dtype", "bf16"))
+    assert "Precision: bf16 autocast on CPU" in proc.stdout
+    (record,) = read_log(tmp_path / "run")
+    for key in LOSSES:
+        assert record[key] == record[key] and abs(record[key]) < 1e6, (key, record)
+
+
 def test_resume_needs_the_same_teacher(tmp_path):
     data = image_folder(tmp_path / "train")
     main_dino_teacher(tmp_path / "t1.pth", seed=0)
@@ -81,7 +87,7 @@ def test_resume_needs_the_same_teacher(tmp_path):
     proc = run_cmd(distill_cmd(data, out, tmp_path / "t2.pth", "--epochs", "2"), check=False)
     assert proc.returncode == 2 and "was trained with another teacher" in proc.stderr, proc.stderr
     proc = run_cmd(distill_cmd(data, out, tmp_path / "t1.pth", "--epochs", "2"))
-    assert "Found checkpoint" in proc.stdout and len(log_records(out)) == 2
+    assert "Found checkpoint" in proc.stdout and len(read_log(out)) == 2
 
 
 def test_distill_two_processes(tmp_path):
@@ -91,7 +97,7 @@ def test_distill_two_processes(tmp_path):
     run_cmd([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              *distill_cmd(data, out, tmp_path / "teacher.pth", "--centering", "sinkhorn_knopp",
                           "--ibot_separate_head", "true")[1:]], timeout=600)
-    (record,) = log_records(out)
+    (record,) = read_log(out)
     assert all(record[k] == record[k] for k in LOSSES)
 
 
@@ -102,7 +108,7 @@ def test_meta_dinov3_teacher(tmp_path):
     proc = run_cmd(distill_cmd(data, tmp_path / "run", tmp_path / "dinov3_vits16.pth",
                                teacher_arch="vit_small_patch16_dinov3"))
     assert "Teacher DINO head: initialised from a fixed seed and frozen" in proc.stdout
-    (record,) = log_records(tmp_path / "run")
+    (record,) = read_log(tmp_path / "run")
     assert all(record[k] == record[k] for k in LOSSES)
 
 

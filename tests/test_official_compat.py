@@ -192,6 +192,29 @@ def test_vit_outputs_match_official(arch, patch, bhw):
         assert_close(int_o[-1][:, 0], out_o, msg="last intermediate layer CLS vs forward")
 
 
+def test_vit_cpu_bf16_autocast_explicit_attention_matches_fp32():
+    """bf16 autocast on CPU takes the explicit attention path (faster there than torch's fused CPU kernel): its
+    outputs and gradients stay within bf16 rounding of the fp32 model, and it returns no attention weights."""
+    model = ovt.vit_tiny(patch_size=16, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    out32 = model(x)
+    out32.square().sum().backward()
+    grads32 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model(x)
+        y, attn = model.blocks[0].attn(model.prepare_tokens(x))
+    assert y.dtype == torch.bfloat16 and attn is None  # the residual stream (and so the output) stays fp32
+    rel = ((out16.float() - out32).norm() / out32.norm()).item()
+    assert rel < 3e-2, rel
+    out16.float().square().sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, n
+        g = grads32[n]
+        if g.norm() > 0:
+            assert ((p.grad - g).norm() / g.norm()).item() < 0.1, n
+
+
 def test_vit_intermediate_layers_default_n_and_pos_encoding():
     r, o = vit_pair("vit_tiny", 16)
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(3))

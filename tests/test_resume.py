@@ -1,17 +1,16 @@
 """Mid-epoch exact resume: a run stopped by a signal (or killed after a periodic mid-epoch checkpoint) and
 started again ends with the same weights and the same log as a run never stopped."""
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import (REPO_ROOT, assert_same_log, child_env, load_checkpoint, read_log, run_cmd, script,
+                      stop_when)
 
 # 160 CIFAR images, batch 16: 10 optimizer steps per epoch in one process, 5 per process with two.
 FAST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -20,27 +19,10 @@ FAST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", 
 TIMING_KEYS = {"train_images_per_sec", "train_epoch_time"}
 
 
-def env():
-    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-
-
-def read_log(out_dir):
-    with open(out_dir / "log.txt") as f:
-        return [json.loads(line) for line in f]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def assert_same_run(ref, resumed):
     """Same log (but timings) and bit-identical teacher, student, optimizer state and centre."""
-    ref_log, res_log = read_log(ref), read_log(resumed)
-    assert [r["epoch"] for r in res_log] == [r["epoch"] for r in ref_log], "every epoch logged exactly once"
-    for a, b in zip(ref_log, res_log):
-        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == \
-               {k: v for k, v in b.items() if k not in TIMING_KEYS}
-    a, b = load(ref / "checkpoint.pth"), load(resumed / "checkpoint.pth")
+    assert_same_log(ref, resumed, TIMING_KEYS)
+    a, b = load_checkpoint(ref / "checkpoint.pth"), load_checkpoint(resumed / "checkpoint.pth")
     for key in ("teacher", "student"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
@@ -51,30 +33,8 @@ def assert_same_run(ref, resumed):
     assert "position" not in b, "a finished run's checkpoint is an epoch checkpoint"
 
 
-def stop_when(cmd, pattern, send, timeout=600):
-    """Run `cmd`; when a line of its output matches `pattern`, call `send(proc)`; return (code, output)."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines, sent, deadline = [], False, time.time() + timeout
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if not sent and re.search(pattern, line):
-                send(proc)
-                sent = True
-            if time.time() > deadline:
-                break
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:  # never leave a run behind, whatever failed
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert sent, "the pattern never appeared:\n" + "".join(lines[-30:])
-    return proc.returncode, "".join(lines)
-
-
 def main_dino(*args):
-    return [sys.executable, str(REPO_ROOT / "main_dino.py"), *map(str, args)]
+    return script("main_dino.py", *args)
 
 
 # SIGINT and SIGUSR2 take the same path as SIGTERM (SIGUSR2 is also covered by the torchrun and SLURM tests)
@@ -91,7 +51,7 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(cifar_subset, tmp_pat
     assert f"Received {signal.Signals(signum).name}" in out
     assert re.search(rf"Stopped by {signal.Signals(signum).name} at epoch 1, iteration [4-9]/10", out), out[-2000:]
     assert "Traceback" not in out
-    ckpt = load(stopped / "checkpoint.pth")
+    ckpt = load_checkpoint(stopped / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and 4 <= ckpt["position"]["batches"] <= 9
     assert len(read_log(stopped)) == 1, "the unfinished epoch is not logged"
 
@@ -116,7 +76,7 @@ def test_kill9_after_periodic_mid_epoch_checkpoint(cifar_subset, tmp_path):
     code, _ = stop_when(main_dino("--data_path", cifar_subset, "--output_dir", killed, *flags),
                         r"Epoch: \[1/2\]\s+\[ 4/10\]", killed_after_checkpoint)
     assert code == -signal.SIGKILL
-    ckpt = load(killed / "checkpoint.pth")
+    ckpt = load_checkpoint(killed / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and ckpt["position"]["batches"] == 5
     run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", killed, *flags))
     assert_same_run(ref, killed)
@@ -144,7 +104,7 @@ def test_torchrun_one_rank_signalled_both_stop_at_the_same_step(cifar_subset, tm
     assert "Received SIGUSR2" in out
     assert re.search(r"Stopped by SIGUSR2 at epoch 0, iteration [2-4]/5", out), out[-3000:]
     assert code != 0
-    ckpt = load(stopped / "checkpoint.pth")
+    ckpt = load_checkpoint(stopped / "checkpoint.pth")
     assert len(ckpt["position"]["ranks"]) == 2 and len(ckpt["rng_states"]) == 2
     run_cmd(torchrun(stopped))
     assert_same_run(ref, stopped)
@@ -156,6 +116,6 @@ def test_resume_with_another_number_of_processes_is_refused(cifar_subset, tmp_pa
               lambda p: os.killpg(p.pid, signal.SIGTERM))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO_ROOT / "main_dino.py"), "--data_path", str(cifar_subset), "--output_dir",
-                           str(out), *map(str, FAST)], env=env(), capture_output=True, text=True, timeout=300)
+                           str(out), *map(str, FAST)], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "resume it with the same number of processes (this run has 2) and the same flags" in proc.stderr

@@ -1,7 +1,6 @@
 """run_with_submitit.py on the real single-node SLURM of `slurm_cluster`: a 2-task CPU main_dino.py job, a job
 preempted mid-epoch with USR2 that requeues, resumes and ends with the weights of the uninterrupted job, and
 an eval_knn.py job."""
-import json
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import read_log
 from slurm_helpers import job_status, scancel, wait_for_job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,10 +42,6 @@ def finished(job_id, job_dir, timeout=600):
     status = wait_for_job(job_id, timeout=timeout)
     assert status.state == "COMPLETED", f"{status}\n{task_logs(job_dir, job_id)[-4000:]}"
     return status
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in open(out_dir / "log.txt")]
 
 
 @pytest.fixture(scope="module")
