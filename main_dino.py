@@ -176,11 +176,13 @@ def precision_setup(args: argparse.Namespace):
     if not args.use_fp16:
         return contextlib.nullcontext, None, "fp32 (--use_fp16 false)"
     if args.device.type != "cuda":
+        native = cpu_has_native_bf16()
         if args.amp_dtype != "bf16":
             return contextlib.nullcontext, None, \
-                f"fp32 (CPU; --amp_dtype bf16 turns on bf16 autocast{cpu_bf16_note()})"
+                "fp32 (CPU; --amp_dtype bf16 would use this CPU's native bf16)" if native else "fp32 (CPU)"
         return (lambda: torch.autocast(args.device.type, dtype=torch.bfloat16)), None, \
-            f"bf16 autocast on {args.device.type.upper()}{cpu_bf16_note()}"
+            f"bf16 autocast on {args.device.type.upper()}" + ("" if native else
+            " (emulated: this CPU has no AVX512-BF16 or AMX, so it is slower than fp32; --amp_dtype auto is fp32)")
     use_bf16 = args.amp_dtype == "bf16" or (args.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if use_bf16 else torch.float16
     scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
@@ -188,13 +190,12 @@ def precision_setup(args: argparse.Namespace):
         f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
 
 
-def cpu_bf16_note() -> str:
-    """Whether this CPU computes bf16 natively (oneDNN's check); without it bf16 is emulated and slower than fp32."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; oneDNN's check)."""
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        native = False
-    return "" if native else "; this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 would be slower than fp32"
+        return False
 
 
 def build_data(args: argparse.Namespace, mask_sampler: Optional[data.BlockMaskSampler] = None):

@@ -21,7 +21,7 @@ run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" mai
     --data_path "$DATA/train" --arch vit_small --patch_size 4 --global_crops_size 32 --local_crops_size 16 \
     --local_crops_number 6 --out_dim 16384 --batch_size_per_gpu 256 --epochs 200 --warmup_epochs 10 \
     --knn_data_path "$EVAL_DATA" --knn_resize_size 32 --knn_crop_size 32 --knn_eval_freq 10 \
-    --saveckp_freq 50 --output_dir "$OUT" $EXTRA
+    --saveckp_freq 50 --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_knn.py \
     --arch vit_small --patch_size 4 --pretrained_weights "$OUT/checkpoint.pth" --data_path "$EVAL_DATA" \
     --resize_size 32 --crop_size 32

@@ -18,7 +18,7 @@ OUT=${OUT:-runs/imagenette_vit_tiny_cpu}
 run "$PYTHON" main_dino.py --data_path "$DATA/train" --arch vit_tiny --patch_size 16 \
     --global_crops_size 64 --local_crops_size 32 --local_crops_number 6 --out_dim 4096 --batch_size_per_gpu 64 \
     --lr 0.002 --warmup_epochs 2 --momentum_teacher 0.99 --epochs 15 --num_workers 2 \
-    --knn_data_path "$DATA" --knn_eval_freq 3 --output_dir "$OUT" $EXTRA
+    --knn_data_path "$DATA" --knn_eval_freq 3 --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" eval_knn.py --arch vit_tiny --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" \
     --data_path "$DATA" --resize_size 73 --crop_size 64
 run "$PYTHON" eval_linear.py --arch vit_tiny --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" \

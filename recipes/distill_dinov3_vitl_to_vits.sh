@@ -22,7 +22,7 @@ GPUS=${GPUS:-8}
 
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" main_distill.py \
     --teacher_arch "$TEACHER_ARCH" --teacher_weights "$TEACHER" --arch vit_small --patch_size 16 \
-    --data_path "$DATA/train" --knn_data_path "$KNN_DATA" --knn_eval_freq 10 --output_dir "$OUT" $EXTRA
+    --data_path "$DATA/train" --knn_data_path "$KNN_DATA" --knn_eval_freq 10 --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_knn.py \
     --arch vit_small --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" --checkpoint_key student \
     --data_path "$DATA"

@@ -19,6 +19,6 @@ OUT=${OUT:-runs/distill_imagenette_vit_nano_cpu}
 run "$PYTHON" main_distill.py --arch vit_nano --patch_size 16 --teacher_arch vit_tiny --teacher_patch_size 16 \
     --teacher_weights "$TEACHER" --data_path "$DATA/train" --global_crops_size 64 --local_crops_size 32 \
     --local_crops_number 6 --mask_patch_size 16 --batch_size_per_gpu 64 --lr 0.002 --epochs 4 --num_workers 2 \
-    --knn_data_path "$DATA" --knn_eval_freq 2 --output_dir "$OUT" $EXTRA
+    --knn_data_path "$DATA" --knn_eval_freq 2 --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" eval_knn.py --arch vit_nano --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" \
     --checkpoint_key student --data_path "$DATA" --resize_size 73 --crop_size 64

@@ -26,7 +26,7 @@ run ln -sfn "$(realpath -m "$DATA/val.X")" "$EVAL_DATA/val"
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" main_dino.py \
     --data_path "$DATA/train.X*" --arch vit_small --patch_size 16 --epochs 100 --warmup_epochs 10 \
     --batch_size_per_gpu 64 --out_dim 65536 --knn_data_path "$EVAL_DATA" --knn_eval_freq 10 \
-    --output_dir "$OUT" $EXTRA
+    --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_knn.py \
     --arch vit_small --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" --data_path "$EVAL_DATA"
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_linear.py \

@@ -15,7 +15,7 @@ OUT=${OUT:-runs/imagenet_vit_small_100ep}
 GPUS=${GPUS:-8}
 
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" main_dino.py \
-    --arch vit_small --data_path "$DATA/train" --output_dir "$OUT" $EXTRA
+    --arch vit_small --data_path "$DATA/train" --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_knn.py \
     --arch vit_small --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" --checkpoint_key teacher \
     --data_path "$DATA"

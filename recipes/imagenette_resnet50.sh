@@ -17,7 +17,7 @@ run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" mai
     --data_path "$DATA/train" --arch resnet50 --optimizer sgd --lr 0.03 --weight_decay 1e-4 \
     --weight_decay_end 1e-4 --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14 --out_dim 16384 \
     --batch_size_per_gpu 128 --epochs 200 --warmup_epochs 10 \
-    --knn_data_path "$DATA" --knn_eval_freq 10 --saveckp_freq 50 --output_dir "$OUT" $EXTRA
+    --knn_data_path "$DATA" --knn_eval_freq 10 --saveckp_freq 50 --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_knn.py \
     --arch resnet50 --pretrained_weights "$OUT/checkpoint.pth" --data_path "$DATA"
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_linear.py \

@@ -15,7 +15,7 @@ GPUS=${GPUS:-1}
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" main_dino.py \
     --data_path "$DATA/train" --arch vit_small --patch_size 16 --out_dim 16384 \
     --batch_size_per_gpu 128 --epochs 200 --warmup_epochs 10 \
-    --knn_data_path "$DATA" --knn_eval_freq 10 --saveckp_freq 50 --output_dir "$OUT" $EXTRA
+    --knn_data_path "$DATA" --knn_eval_freq 10 --saveckp_freq 50 --output_dir "$OUT" $EXTRA $TRAIN_EXTRA
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_knn.py \
     --arch vit_small --patch_size 16 --pretrained_weights "$OUT/checkpoint.pth" --data_path "$DATA"
 run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" eval_linear.py \

@@ -79,6 +79,12 @@ def test_recipe_commands_parse_and_pass_the_checks(recipe):
         if script != "eval_knn.py":
             args = parse(script, argv)
             assert args.logger == ["tensorboard"] and args.log_freq == 50, (recipe.name, script)
+    # pretraining flags (e.g. CPU bf16) reach the pretraining command, and only it
+    commands = script_commands(run_recipe(recipe, {"DRY_RUN": "1", "TRAIN_EXTRA": "--amp_dtype bf16"}))
+    for script, argv in commands:
+        assert ("--amp_dtype" in argv) == (script in TRAINING), (recipe.name, script)
+        if script in TRAINING:
+            assert parse(script, argv).amp_dtype == "bf16", recipe.name
 
     # the header says on what machine and what to expect: figures, or that none were measured
     text = recipe.read_text()
