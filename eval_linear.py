@@ -23,7 +23,6 @@ command then continues at the next iteration, with the same samples and augmenta
 (`--saveckp_every_iters` also writes such checkpoints periodically, for crashes without a signal).
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -98,8 +97,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train_augmentation', default=True, type=utils.bool_flag, help="""RandomResizedCrop and
         horizontal flips on the train images (official). False: the val transform, as --cache_features uses, with
         the features recomputed every epoch.""")
-    parser.add_argument('--use_fp16', default=True, type=utils.bool_flag, help="""On GPU, run the frozen backbone
-        under bf16 autocast (fp16 where bf16 is unsupported); the heads train in fp32. Ignored on CPU (fp32).""")
+    parser.add_argument('--use_fp16', default=True, type=utils.bool_flag, help="""Run the frozen backbone under
+        autocast (see --amp_dtype); the heads train in fp32.""")
+    parser.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'], help="""With --use_fp16:
+        auto = bf16 on GPUs that support it, else fp16; fp32 on CPU. bf16 also on CPU (fast on CPUs with
+        AVX512-BF16 or AMX). fp16: GPU only.""")
     parser.add_argument('--seed', default=0, type=int, help="""Seed of the head initialisation, the shuffling and
         the augmentations (and of the random backbone when no --pretrained_weights are given).""")
     parser.add_argument('--print_freq', default=20, type=int, help='Print progress every x iterations.')
@@ -415,13 +417,13 @@ def eval_linear(args: argparse.Namespace) -> Dict:
     if not vit and avgpools != [False]:
         print(f"Note: --avgpool_patchtokens applies to ViTs only; {args.arch} gives model(images) to the heads.")
         avgpools = [False]
-    use_autocast = device.type == "cuda" and args.use_fp16
-    amp_dtype = torch.bfloat16 if use_autocast and torch.cuda.is_bf16_supported() else torch.float16
+    # the backbone only runs forward, frozen: no gradient scaler even for fp16
+    autocast, _, precision = utils.precision_setup(device, args.use_fp16, args.amp_dtype)
+    print(f"Backbone precision: {precision}.")
 
     def make_feature_fn(avgpool: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         def feature_fn(images: torch.Tensor) -> torch.Tensor:
-            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_autocast else contextlib.nullcontext()
-            with autocast:
+            with autocast():
                 return backbone_features(model, images, args.n_last_blocks, avgpool, vit).float()
         return feature_fn
 

@@ -168,36 +168,6 @@ def check_args(args: argparse.Namespace) -> None:
                     f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
 
 
-def precision_setup(args: argparse.Namespace):
-    """(autocast context factory, GradScaler or None, description) for this device and the flags.
-
-    Weights, optimizer state, the loss's centre and the EMA stay fp32 whatever the precision: autocast only
-    runs the matrix products (and what torch lists with them) in the low-precision type."""
-    if not args.use_fp16:
-        return contextlib.nullcontext, None, "fp32 (--use_fp16 false)"
-    if args.device.type != "cuda":
-        native = cpu_has_native_bf16()
-        if args.amp_dtype != "bf16":
-            return contextlib.nullcontext, None, \
-                "fp32 (CPU; --amp_dtype bf16 would use this CPU's native bf16)" if native else "fp32 (CPU)"
-        return (lambda: torch.autocast(args.device.type, dtype=torch.bfloat16)), None, \
-            f"bf16 autocast on {args.device.type.upper()}" + ("" if native else
-            " (emulated: this CPU has no AVX512-BF16 or AMX, so it is slower than fp32; --amp_dtype auto is fp32)")
-    use_bf16 = args.amp_dtype == "bf16" or (args.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if use_bf16 else torch.float16
-    scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, \
-        f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; oneDNN's check)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def build_data(args: argparse.Namespace, mask_sampler: Optional[data.BlockMaskSampler] = None):
     """The multi-crop dataset and its loader (seeded per sample, sharded over processes). With `mask_sampler`
     a sample is `((crops, masks [2, N]), label, bad)`: iBOT masks of the two global crops."""
@@ -300,7 +270,7 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     ).to(args.device)
 
     optimizer = build_optimizer(args, student)
-    autocast, fp16_scaler, precision = precision_setup(args)
+    autocast, fp16_scaler, precision = utils.precision_setup(args.device, args.use_fp16, args.amp_dtype)
     print(f"Precision: {precision}.")
     lr_schedule, wd_schedule = build_schedules(args, niter_per_ep)
     # momentum parameter is increased to 1. during training with a cosine schedule

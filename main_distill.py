@@ -254,7 +254,7 @@ def train_distill(args: argparse.Namespace) -> None:
     for fn in loss_fns.values():
         fn.to(args.device)
     optimizer = main_dino.build_optimizer(args, student)
-    autocast, fp16_scaler, precision = main_dino.precision_setup(args)
+    autocast, fp16_scaler, precision = utils.precision_setup(args.device, args.use_fp16, args.amp_dtype)
     print(f"Precision: {precision}.")
     lr_schedule, wd_schedule = main_dino.build_schedules(args, niter_per_ep)
 

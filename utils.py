@@ -8,6 +8,7 @@ lazily, inside the function that needs it.
 """
 import argparse
 import builtins
+import contextlib
 import datetime
 import difflib
 import json
@@ -204,6 +205,37 @@ def check_same_on_all_ranks(values: Dict[str, Any], what: str) -> None:
                             for k in differing[:5])
         raise UserError(f"the processes disagree on {what} ({details}): start every process with the same "
                         "command and the same data")
+
+
+def precision_setup(device: torch.device, use_fp16: bool, amp_dtype: str = "auto") -> Tuple[Callable, Any, str]:
+    """(autocast context factory, GradScaler or None, description) for `--use_fp16` and `--amp_dtype` on `device`.
+
+    auto: bf16 autocast on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU. bf16: bf16 autocast
+    on any device (on CPU it pays only with native bf16). fp16: GPU only. Weights, optimizer state, the loss's
+    centre and the EMA stay fp32 whatever the precision: autocast runs the matrix products in the low precision."""
+    if not use_fp16:
+        return contextlib.nullcontext, None, "fp32 (--use_fp16 false)"
+    if device.type != "cuda":
+        native = cpu_has_native_bf16()
+        if amp_dtype != "bf16":
+            return contextlib.nullcontext, None, \
+                "fp32 (CPU; --amp_dtype bf16 would use this CPU's native bf16)" if native else "fp32 (CPU)"
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None, \
+            f"bf16 autocast on {device.type.upper()}" + ("" if native else
+            " (emulated: this CPU has no AVX512-BF16 or AMX, so it is slower than fp32; --amp_dtype auto is fp32)")
+    use_bf16 = amp_dtype == "bf16" or (amp_dtype == "auto" and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if use_bf16 else torch.float16
+    scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, \
+        f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; oneDNN's check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def save_on_master(obj: Any, f: str) -> None:

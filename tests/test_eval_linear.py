@@ -226,6 +226,18 @@ def test_cached_features_train_exactly_like_recomputed_ones(colours, tmp_path, c
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
+def test_cpu_bf16_backbone_learns_like_fp32(colours, tmp_path, capsys):
+    """--amp_dtype bf16 runs the frozen backbone under bf16 autocast on CPU; the features stay fp32 for the
+    heads, and the heads reach the accuracy of the fp32 run."""
+    common = ["--data_path", colours, "--epochs", 2, "--lrs", 0.1, "--cache_features", *TINY]
+    run(*common, "--output_dir", tmp_path / "fp32")
+    assert "Backbone precision: fp32 (CPU" in capsys.readouterr().out
+    run(*common, "--output_dir", tmp_path / "bf16", "--amp_dtype", "bf16")
+    assert "Backbone precision: bf16 autocast on CPU" in capsys.readouterr().out
+    fp32, bf16 = read_log(tmp_path / "fp32")[-1], read_log(tmp_path / "bf16")[-1]
+    assert bf16["test_acc1"] == fp32["test_acc1"] == pytest.approx(BEST_POSSIBLE)
+
+
 def test_resume_continues_from_the_checkpoint(colours, tmp_path, capsys):
     common = ["--data_path", colours, "--output_dir", tmp_path, "--cache_features", *TINY]
     run(*common, "--lr", 0.01, "--epochs", 2)

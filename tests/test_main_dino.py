@@ -66,23 +66,18 @@ def test_cpu_bf16_autocast_run(cifar_subset, tmp_path):
 
 
 def test_precision_setup_choices():
-    import argparse
-    import main_dino as md
+    import utils
 
-    def describe(device, use_fp16, amp_dtype):
-        args = argparse.Namespace(device=torch.device(device), use_fp16=use_fp16, amp_dtype=amp_dtype)
-        autocast, scaler, desc = md.precision_setup(args)
-        return autocast, scaler, desc
     for amp in ("auto", "fp16"):
-        autocast, scaler, desc = describe("cpu", True, amp)
+        autocast, scaler, desc = utils.precision_setup(torch.device("cpu"), True, amp)
         assert desc.startswith("fp32 (CPU") and scaler is None
         with autocast():
             assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    autocast, scaler, desc = describe("cpu", True, "bf16")
+    autocast, scaler, desc = utils.precision_setup(torch.device("cpu"), True, "bf16")
     assert desc.startswith("bf16 autocast on CPU") and scaler is None
     with autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
-    assert describe("cpu", False, "bf16")[2] == "fp32 (--use_fp16 false)"
+    assert utils.precision_setup(torch.device("cpu"), False, "bf16")[2] == "fp32 (--use_fp16 false)"
 
 
 def _kill_after_first_checkpoint(cmd, out, timeout=300):
