@@ -1,5 +1,5 @@
 # Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
-# DataAugmentationDINO, GaussianBlur and Solarization follow facebookresearch/dino (Apache 2.0).
+# DataAugmentationDINO follows facebookresearch/dino (Apache 2.0).
 """Data for self-supervised pretraining: multi-crop augmentation, datasets, sampling and loading.
 
 - `DataAugmentationDINO`: the DINO recipe, returning [g1, g2, l1, ..., lN]: the official random parameters,
@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils import UserError, print_all_ranks
@@ -44,33 +44,6 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------------
-class GaussianBlur:
-    """Apply Gaussian blur with probability `p` and a radius drawn uniformly in [radius_min, radius_max].
-
-    The official PIL transform (`ImageFilter.GaussianBlur(radius)`, radius = sigma). `DataAugmentationDINO`
-    draws the same way and blurs with `gaussian_blur`, its float equivalent."""
-
-    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.):
-        self.prob = p
-        self.radius_min = radius_min
-        self.radius_max = radius_max
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() > self.prob:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
-
-
-class Solarization:
-    """Apply solarization with probability `p` (the official PIL transform; see `solarize` for tensors)."""
-
-    def __init__(self, p: float):
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return ImageOps.solarize(img) if random.random() < self.p else img
-
-
 # The pixel operations of DataAugmentationDINO work on float32 tensors [C, H, W] holding 8-bit values in
 # [0, 255] (C = 3, or 1 after grayscale). Each is the PIL operation of the official pipeline on its 8-bit
 # images, with the same clipping and rounding (the blends truncate, as PIL's `Image.blend`), except that the

@@ -132,21 +132,6 @@ def test_augmentation_probabilities(monkeypatch):
         assert gray[label] == count[label]["gray"], (label, gray, count)
 
 
-def test_solarization_and_blur_classes():
-    img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), mode="L").convert("RGB")
-    random.seed(0)
-    out = np.asarray(data.Solarization(1.0)(img))
-    expected = np.where(np.asarray(img) >= 128, 255 - np.asarray(img), np.asarray(img))
-    np.testing.assert_array_equal(out, expected)
-    assert data.Solarization(0.0)(img) is img
-    assert data.GaussianBlur(p=0.0)(img) is img
-    blurred = data.GaussianBlur(p=1.0, radius_min=1.0, radius_max=1.5)(noise_image((16, 16)))
-    assert np.asarray(blurred).std() < np.asarray(noise_image((16, 16))).std()
-
-
-# ----------------------------------------------------------------------------------------------------
-# pil_loader_rgb
-# ----------------------------------------------------------------------------------------------------
 def _load(path):
     img = data.pil_loader_rgb(str(path))
     assert isinstance(img, Image.Image) and img.mode == "RGB"
