@@ -7,7 +7,12 @@ checkpoints, mixed precision and checks from one piece of code.
   layer, non-finite checks and metrics. What is specific to a method is `step(batch, epoch, it)`, the forward
   pass and loss, returning `(loss, {name: value})`, and `after_step(it)` (the teacher EMA of DINO), returning
   `{name: value}` to log.
-- `fit(args, ...)`: the run around it: resume, the epochs, log.txt, checkpoints, online k-NN and curves.
+- `Run`: the plumbing around the epochs of any training loop (this file's `fit`, and eval_linear.py):
+  resume, log.txt kept in step with the checkpoint, the tracker, stop signals, and checkpoints that hold every
+  rank's exact position inside an epoch.
+- `fit(args, ...)`: pretraining's run: `Run` around `train_one_epoch`, with an evaluation callback after each
+  epoch (eval_knn.py's online k-NN).
+- `setup_run`, `precision_setup`: what every script does first (processes, seeds, output folder, precision).
 - `StopSignals`: SIGTERM, SIGINT and SIGUSR2 (SLURM's pre-timeout and preemption signal) make every rank
   finish its iteration, agree on the same step, write a checkpoint of the exact position inside the epoch
   and stop (`utils.TrainingInterrupted`); the same command resumes at the next iteration with the same
@@ -19,17 +24,16 @@ import datetime
 import json
 import math
 import os
-import signal
-import threading
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpointing
 import data
-import eval_knn
+import runtime
 import tracking
 import utils
 
@@ -65,27 +69,6 @@ def plain_args(args: argparse.Namespace) -> Dict:
     return out
 
 
-def default_num_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def setup_run(args: argparse.Namespace) -> None:
-    """What every training script does first: processes, seeds, data workers, the flags in the log, and a
-    writable output folder (checked before any training)."""
-    utils.init_distributed_mode(args)
-    per_rank = {"rank", "gpu", "local_rank", "device", "dist_url"}
-    utils.check_same_on_all_ranks({k: str(v) for k, v in vars(args).items() if k not in per_rank}, "their flags")
-    utils.fix_random_seeds(args.seed + args.rank)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
-    torch.backends.cudnn.benchmark = True
-    if utils.is_main_process():
-        utils.check_output_dir(args.output_dir)
-
-
 def steps_per_epoch(dataset, data_loader, args: argparse.Namespace) -> int:
     """Optimizer steps per epoch; stops with a message when the data cannot fill one."""
     utils.check_same_on_all_ranks({"images": len(dataset), "classes": len(dataset.base.classes)}, "the dataset")
@@ -107,26 +90,28 @@ NONFINITE_ADVICE = ("Try a lower --lr, a longer --warmup_epochs, fp32 (--use_fp1
 
 def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Optional[torch.Tensor] = None) -> None:
     """Stop on a non-finite loss. On GPU the check is deferred (`all_finite` accumulates on the device) so
-    that no step waits for the host; then the bad iteration is only known to be at or before `it`."""
+    that no step waits for the host; then the bad iteration is only known to be at or before `it`. Collective:
+    every rank calls it at the same iteration, and all stop together when the loss of any is not finite."""
     finite = bool(all_finite) if all_finite is not None else math.isfinite(loss.item())
-    if finite:
-        return
-    value = loss.item()
-    where = f"iteration {it}" if not math.isfinite(value) else f"an iteration up to {it}"
-    raise utils.UserError(
-        f"Loss is {value if not math.isfinite(value) else 'not finite'} at epoch {epoch}, {where}: stopping "
-        f"training. The last good checkpoint ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
-        f"untouched and the run resumes from it. {NONFINITE_ADVICE}")
+    error = None
+    if not finite:
+        value = loss.item()
+        where = f"iteration {it}" if not math.isfinite(value) else f"an iteration up to {it}"
+        error = (f"Loss is {value if not math.isfinite(value) else 'not finite'} at epoch {epoch}, {where}: stopping "
+                 f"training. The last good checkpoint ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) "
+                 f"is untouched and the run resumes from it. {NONFINITE_ADVICE}")
+    runtime.raise_together(error)
 
 
-def finite_step(student: nn.Module, loss: torch.Tensor, epoch: int, it: int, args) -> bool:
-    """--skip_nonfinite N: whether this step's gradients (all-reduced, so the same on every rank) and loss are
-    finite; a non-finite step is skipped (one host-device synchronisation per step, only in this mode) and
-    counted in `args.nonfinite_skipped`; the run stops at the (N+1)-th."""
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
+def finite_step(student: nn.Module, loss: torch.Tensor, epoch: int, it: int, args, check_grads: bool = True) -> bool:
+    """--skip_nonfinite N: whether this step's loss and (with `check_grads`) gradients are finite, agreed by all
+    ranks; a non-finite step is skipped (one host-device synchronisation per step, only in this mode) and
+    counted in `args.nonfinite_skipped`; the run stops at the (N+1)-th. With fp16, the gradients are left to
+    GradScaler, which skips its own overflow steps: only a non-finite loss counts."""
+    norms = utils.grad_norms(student)[1] if check_grads else None
     finite = torch.isfinite(loss).to(torch.float32)
-    if grads:
-        finite = finite * torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).to(finite.device)
+    if norms is not None:
+        finite = finite * torch.isfinite(norms.sum()).to(finite.device)
     if utils.is_dist_avail_and_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the loss may be non-finite on one rank only
     if bool(finite):
@@ -142,56 +127,6 @@ def finite_step(student: nn.Module, loss: torch.Tensor, epoch: int, it: int, arg
     return False
 
 
-class StopSignals:
-    """Turns SIGTERM, SIGINT and SIGUSR2 into a request to stop after the current iteration.
-
-    A context manager: handlers are installed on entry (main thread only) and the previous ones restored
-    on exit. `agreed()` tells, on every rank at the same iteration, whether any rank received one (a small
-    all-reduce on the CPU; signals reach the ranks at slightly different moments). A second Ctrl-C stops
-    at once.
-    """
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-
-    def __init__(self, world_size: int = 1):
-        self.signum = 0
-        self.previous: Dict[int, Any] = {}
-        self.group = None
-        if world_size > 1:  # a CPU group for the flag, so that checking it never waits for a GPU
-            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def _handler(self, signum: int, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
-        if not self.signum:
-            utils.print_all_ranks(f"Received {signal.Signals(signum).name}: finishing this iteration, then "
-                                  "writing a checkpoint and stopping (Ctrl-C again to stop at once).")
-        self.signum = self.signum or signum
-
-    def agreed(self) -> int:
-        """The signal any rank received (0 if none), the same on every rank."""
-        if self.group is None:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
-
-    def interrupted(self, signum: int, where: str, checkpoint_path: str) -> utils.TrainingInterrupted:
-        return utils.TrainingInterrupted(
-            signum, f"Stopped by {signal.Signals(signum).name} {where}; the checkpoint {checkpoint_path} holds "
-            "this exact position: run the same command again to resume there.", self.previous.get(signum))
-
-
 def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Optimizer, data_loader,
                     lr_schedule: Sequence[float], wd_schedule: Sequence[float], epoch: int, args,
                     fp16_scaler: Optional[torch.amp.GradScaler] = None, autocast=contextlib.nullcontext,
@@ -199,7 +134,7 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
                     after_step: Optional[Callable[[int], Dict[str, Any]]] = None,
                     position: Optional[Dict[str, Any]] = None,
                     between_steps: Optional[Callable[[int, Callable[[], Dict]], None]] = None,
-                    tracker: Optional[tracking.Tracker] = None) -> Dict[str, float]:
+                    tracker: Optional[tracking.Tracker] = None, detector=None) -> Dict[str, float]:
     """One epoch of optimizer steps on `student` (the trained module, DDP-wrapped or not); returns the epoch
     averages of the loss, of what `step` and `after_step` return, of lr and wd, and images/s.
 
@@ -211,7 +146,7 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     `position["batches"]` batches, which the loader must already skip (`EpochSampler.set_epoch(epoch,
     start)`). `between_steps(it, position_fn)` runs after every optimizer step; `position_fn()` checks that
     the state is finite and returns this rank's position, for a checkpoint. `tracker` gets the metrics of
-    every --log_freq-th step (log_iters.jsonl, TensorBoard, W&B).
+    every --log_freq-th step (log_iters.jsonl, TensorBoard, W&B); `detector`, see `watch_collapse`.
     """
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
@@ -246,8 +181,10 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         if step_in_epoch >= niter_per_ep:
             break  # the last incomplete accumulation
         it = niter_per_ep * epoch + step_in_epoch  # global training iteration (optimizer steps)
-        if bad_images is not None and any(bad):
-            bad_images.update([b for b in bad if b])
+        if bad_images is not None:
+            if any(bad):
+                bad_images.update([b for b in bad if b], check=False)
+            runtime.raise_together(bad_images.error())  # all ranks together (one tiny CPU all-reduce per batch)
         if micro == 0:
             for i, param_group in enumerate(optimizer.param_groups):
                 param_group["lr"] = float(lr_schedule[it])
@@ -279,27 +216,22 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         if not last_micro:
             metric_logger.update(loss=loss, **terms)
             continue
-        if skip_nonfinite and not finite_step(student, step_loss, epoch, it, args):
-            optimizer.zero_grad(set_to_none=True)
+        unscaled = False
+        if skip_nonfinite:
             if fp16_scaler is not None:
-                fp16_scaler.update()
-            continue  # the step is not applied (no update, no EMA)
+                # judge the true gradients; an fp16 overflow of the scaled ones is GradScaler's to skip
+                fp16_scaler.unscale_(optimizer)
+                unscaled = True
+            if not finite_step(student, step_loss, epoch, it, args, check_grads=fp16_scaler is None):
+                optimizer.zero_grad(set_to_none=True)
+                if fp16_scaler is not None:
+                    fp16_scaler.update()  # unscale_ recorded its inf checks: lowers the scale
+                continue  # the step is not applied (no update, no EMA)
         metric_logger.update(loss=loss, **terms)
+        watch_collapse(detector, it, terms, args)
 
-        # student update
-        if fp16_scaler is not None and args.clip_grad:
-            fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
-        norms = utils.clip_gradients(student, args.clip_grad) if args.clip_grad else None
         log_now = tracker is not None and tracker.wants(it)
-        if log_now and norms is None:
-            norms = tracking.grad_norms(student, fp16_scaler)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        if fp16_scaler is None:
-            optimizer.step()
-        else:
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        norms = update_student(student, optimizer, fp16_scaler, args, epoch, unscaled, want_norms=log_now)
         after = after_step(it) if after_step is not None else {}
         metric_logger.update(**after)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
@@ -313,182 +245,282 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     if not skip_nonfinite:
         check_finite(loss, epoch, it_local, args, all_finite)
 
-    # gather the stats from all processes
+    return epoch_stats(metric_logger, n_images, elapsed_before + time.time() - epoch_start, bad_images, args)
+
+
+def watch_collapse(detector, it: int, terms: Dict[str, Any], args) -> None:
+    """`detector` (a health.CollapseDetector, or None) sees the metrics of every optimizer step on CPU, of every
+    --print_freq-th on GPU (reading them waits for the device); it prints its one collapse warning, and with
+    --stop_on_collapse every rank stops together."""
+    if detector is None or (args.device.type != "cpu" and it % args.print_freq):
+        return
+    warning = detector.observe(it, terms)
+    if warning:
+        print(warning)
+    if getattr(args, "stop_on_collapse", False):
+        runtime.raise_together(None if not warning else (
+            f"{warning} Stopping (--stop_on_collapse): the last checkpoint "
+            f"({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is kept, from before this iteration."))
+
+
+def update_student(student: nn.Module, optimizer: torch.optim.Optimizer,
+                   fp16_scaler: Optional[torch.amp.GradScaler], args, epoch: int, unscaled: bool,
+                   want_norms: bool) -> Optional[torch.Tensor]:
+    """The optimizer step after the last micro-batch: unscale (fp16), clip, drop the last layer's gradients
+    during --freeze_last_layer, step. Returns the per-parameter gradient norms when clipped or `want_norms`."""
+    if fp16_scaler is not None and args.clip_grad and not unscaled:
+        fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
+    norms = utils.clip_gradients(student, args.clip_grad) if args.clip_grad else None
+    if want_norms and norms is None:
+        norms = tracking.grad_norms(student, None if unscaled else fp16_scaler)
+    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    if fp16_scaler is None:
+        optimizer.step()
+    else:
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norms
+
+
+def epoch_stats(metric_logger: utils.MetricLogger, n_images: int, epoch_time: float,
+                bad_images: Optional[data.BadImageTracker], args) -> Dict[str, float]:
+    """The epoch averages over all processes, with images/s, the epoch time and the unreadable images."""
     metric_logger.synchronize_between_processes()
-    epoch_time = elapsed_before + time.time() - epoch_start
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    n_images_total = n_images * args.world_size
     n_bad = bad_images.count if bad_images is not None else 0
     if utils.is_dist_avail_and_initialized():
         t = torch.tensor([n_bad], dtype=torch.float64, device=args.device)
         dist.all_reduce(t)
         n_bad = int(t.item())
-    stats.update(images_per_sec=n_images_total / epoch_time, epoch_time=epoch_time, bad_images=n_bad)
+    stats.update(images_per_sec=n_images * args.world_size / epoch_time, epoch_time=epoch_time, bad_images=n_bad)
     print("Averaged stats:", metric_logger)
     return stats
 
 
 # ----------------------------------------------------------------------------------------------------
-# Online k-NN
-# ----------------------------------------------------------------------------------------------------
-def add_knn_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--knn_data_path', default='', type=str, help="""Online k-NN: a folder with train/ and
-        val/ ImageFolder trees (a subset is fine), or "synthetic". The 20-NN accuracy of the evaluated backbone
-        (DINO: the teacher; distillation: the student) is logged as knn_top1/knn_top5 in log.txt. Empty: none.""")
-    parser.add_argument('--knn_eval_freq', default=1, type=int, help="""Run the online k-NN every x epochs
-        (and after the last one).""")
-    parser.add_argument('--knn_resize_size', default=None, type=int, help="""Online k-NN: resize of the short
-        side (default: 256/224 of --knn_crop_size).""")
-    parser.add_argument('--knn_crop_size', default=None, type=int, help="""Online k-NN: center-crop size
-        (default: --global_crops_size).""")
-
-
-def build_knn_data(args: argparse.Namespace):
-    """The train/val datasets of the online k-NN (None without --knn_data_path), checked before training."""
-    if not args.knn_data_path:
-        return None
-    crop = args.knn_crop_size or args.global_crops_size
-    resize = args.knn_resize_size or int(round(crop * 256 / 224))
-    train, val = eval_knn.split_datasets(args.knn_data_path, resize, crop)
-    print(f"Online k-NN every {args.knn_eval_freq} epoch(s) on {args.knn_data_path}: {len(train)} train and "
-          f"{len(val)} val images, resize {resize}, crop {crop}.")
-    return train, val
-
-
-def online_knn(backbone: nn.Module, knn_datasets, args: argparse.Namespace, autocast, who: str) -> Dict[str, float]:
-    """20-NN accuracy of `backbone`, with eval_knn.py's code; {knn_top1, knn_top5, knn_time}."""
-    start = time.time()
-    was_training = backbone.training
-    backbone.eval()  # batch norms use their running statistics, as in eval_knn.py
-    with autocast():
-        train_f, train_l, test_f, test_l = eval_knn.compute_features(
-            backbone, *knn_datasets, args.batch_size_per_gpu, args.num_workers, args.device)
-    backbone.train(was_training)
-    top1, top5 = eval_knn.knn_accuracy(train_f.float(), train_l, test_f.float(), test_l, k=20, T=0.07)
-    print(f"Online 20-NN of the {who}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({time.time() - start:.0f} s)")
-    return {"knn_top1": top1, "knn_top5": top5, "knn_time": time.time() - start}
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# The run around the epochs
+# ----------------------------------------------------------------------------------------------------
+class Run:
+    """Resume, log.txt, tracker, stop signals and checkpoints around the epochs of a training loop.
+
+        run = Run(args, checkpoint_path, iters_per_epoch=n, contents=lambda epochs_done, ranks: {...})
+        restored = run.resume(check=..., run_variables={...}, model=model, optimizer=optimizer)
+        with run:
+            for epoch in range(run.start_epoch, args.epochs):
+                position = run.rank_position(epoch)      # this rank's place inside an interrupted epoch
+                stats = train(..., position, run.between_steps, run.tracker)
+                run.end_epoch(epoch, log_stats)          # log.txt, checkpoint, tracker; stops on a signal
+
+    `contents(epochs_done, ranks)` returns what the checkpoint holds besides the run's own keys (`epoch`,
+    `rng_states`, `log_history`, `tracking`, and `position` inside an epoch); `ranks` is every rank's position
+    inside an epoch, None at its end. `between_steps(it, position_fn)` takes the global iteration.
+    """
+
+    def __init__(self, args: argparse.Namespace, checkpoint_path: str, *, iters_per_epoch: int,
+                 contents: Callable[[int, Optional[List[Dict]]], Dict[str, Any]], plot_curves: bool = False):
+        self.args, self.path, self.iters_per_epoch = args, checkpoint_path, iters_per_epoch
+        self.contents, self.plot_curves = contents, plot_curves
+        self.log_path = os.path.join(args.output_dir, "log.txt")
+        self.stop = runtime.StopSignals(args.world_size)
+        self.start_epoch, self.log_history, self.position, self.tracker = 0, [], None, None
+        self._exit_stack = contextlib.ExitStack()
+
+    def _check_position(self, checkpoint: dict) -> None:
+        """A position counts each rank's batches: it means the same samples only with the same split."""
+        position, args = checkpoint.get("position"), self.args
+        if position is None:
+            return
+        saved = (len(position["ranks"]), position.get("batch_size_per_gpu", args.batch_size_per_gpu),
+                 position.get("grad_accum_steps", 1))
+        if saved != (args.world_size, args.batch_size_per_gpu, getattr(args, "grad_accum_steps", 1)):
+            raise utils.UserError(
+                f"{self.path} was written in the middle of epoch {position['epoch']} by {saved[0]} processes with "
+                f"--batch_size_per_gpu {saved[1]} and --grad_accum_steps {saved[2]}; resume it with the same "
+                f"number of processes (this run has {args.world_size}) and the same flags")
+
+    def resume(self, check: Optional[Callable[[dict], None]] = None, run_variables: Optional[Dict[str, Any]] = None,
+               **modules) -> Dict[str, Any]:
+        """Load the checkpoint, if any, into `modules` (by checkpoint key) and return the run variables (the
+        run's own, and `run_variables` with their defaults), with log.txt made to match it."""
+        if utils.is_main_process():
+            checkpointing.remove_stale_temporaries(self.args.output_dir)
+
+        def check_all(checkpoint: dict) -> None:
+            if check is not None:
+                check(checkpoint)
+            self._check_position(checkpoint)
+
+        restored = {"epoch": 0, "log_history": [], "position": None, "tracking": None, **(run_variables or {})}
+        checkpoint = checkpointing.restart_from_checkpoint(self.path, run_variables=restored, check=check_all,
+                                                           **modules)
+        self.start_epoch, self.position = restored["epoch"], restored["position"]
+        self.log_history = list(restored["log_history"])
+        if checkpoint is None:
+            tracking.sync_log_with_checkpoint(self.log_path, None)
+        else:
+            rng_states = checkpoint.get("rng_states") or []
+            if len(rng_states) == self.args.world_size:
+                checkpointing.set_rng_state(rng_states[self.args.rank])
+            if "log_history" in checkpoint:  # an official checkpoint has none: its log.txt stays as it is
+                tracking.sync_log_with_checkpoint(self.log_path, self.log_history)
+        accum = getattr(self.args, "grad_accum_steps", 1)
+        first = self.start_epoch * self.iters_per_epoch + (self.position["batches"] // accum if self.position else 0)
+        self.tracker = tracking.Tracker(self.args, start_iteration=first, iters_per_epoch=self.iters_per_epoch,
+                                        images_per_batch=self.args.batch_size_per_gpu * self.args.world_size,
+                                        state=restored["tracking"])
+        return restored
+
+    def __enter__(self) -> "Run":
+        self._exit_stack.enter_context(self.tracker)
+        self._exit_stack.enter_context(self.stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._exit_stack.__exit__(*exc)
+
+    def rank_position(self, epoch: int) -> Optional[Dict[str, Any]]:
+        """This rank's position inside `epoch` when the checkpoint was written inside it, else None."""
+        if self.position is not None and self.position["epoch"] == epoch:
+            return self.position["ranks"][self.args.rank]
+        return None
+
+    def checkpoint(self, epochs_done: int, rank_position: Optional[Dict[str, Any]] = None) -> None:
+        """The checkpoint after `epochs_done` epochs, or, with this rank's `rank_position`, inside epoch
+        `epochs_done` with every rank's position in it (every rank calls this at the same step)."""
+        args = self.args
+        per_rank = [(checkpointing.get_rng_state(), rank_position)]
+        if args.world_size > 1:
+            per_rank = [None] * args.world_size
+            dist.all_gather_object(per_rank, (checkpointing.get_rng_state(), rank_position))
+        ranks = [p for _, p in per_rank] if rank_position is not None else None
+        save_dict = {**self.contents(epochs_done, ranks), "epoch": epochs_done,
+                     "rng_states": [r for r, _ in per_rank], "log_history": self.log_history,
+                     "tracking": self.tracker.state_dict()}
+        if rank_position is not None:
+            save_dict["position"] = {"epoch": epochs_done, "batches": rank_position["batches"],
+                                     "batch_size_per_gpu": args.batch_size_per_gpu,
+                                     "grad_accum_steps": getattr(args, "grad_accum_steps", 1), "ranks": ranks}
+        every = getattr(args, "saveckp_freq", 0)
+        error = None
+        try:  # rank 0 writes; a full disk there stops every rank at once
+            checkpointing.save_on_master(save_dict, self.path)
+            if rank_position is None and every and (epochs_done - 1) % every == 0:
+                checkpointing.save_on_master(save_dict, os.path.join(args.output_dir,
+                                                                     f"checkpoint{epochs_done - 1:04}.pth"))
+        except utils.UserError as e:
+            error = str(e)
+        runtime.raise_together(error)
+
+    def between_steps(self, it: int, position_fn: Callable[[], Dict]) -> None:
+        """After an optimizer step (global iteration `it`): on a signal (agreed by all ranks, so that they stop at
+        the same step) or every --saveckp_every_iters iterations, checkpoint the exact position."""
+        signum = self.stop.agreed()
+        every = getattr(self.args, "saveckp_every_iters", 0)
+        if signum or (every and (it + 1) % every == 0):
+            epoch, step_in_epoch = divmod(it, self.iters_per_epoch)
+            self.checkpoint(epoch, position_fn())
+            if signum:
+                raise self.stop.interrupted(signum, f"at epoch {epoch}, iteration {step_in_epoch + 1}/"
+                                            f"{self.iters_per_epoch}", self.path)
+
+    def _append_log(self, log_stats: Dict[str, Any], plot: bool) -> None:
+        """One record appended to log.txt by rank 0 (and the curves redrawn); a failure stops every rank."""
+        error = None
+        if utils.is_main_process():
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(log_stats) + "\n")
+            except OSError as e:
+                error = (f"could not write {self.log_path}: {e}. Free some space or fix the folder, then run the "
+                         "same command again to resume")
+            if plot and error is None:
+                tracking.plot_training_curves(self.log_path, os.path.join(self.args.output_dir, "training_curves.png"))
+        runtime.raise_together(error)
+
+    def log_start(self, log_stats: Dict[str, Any]) -> None:
+        """The figures of the network before the first step (a log.txt record with epoch -1, before epoch 0's),
+        kept in the checkpoints' log history like the epochs'."""
+        log_stats = {**log_stats, "epoch": -1}
+        self.log_history.append(log_stats)
+        self._append_log(log_stats, plot=False)
+        self.tracker.log_epoch(0, log_stats)
+
+    def end_epoch(self, epoch: int, log_stats: Dict[str, Any]) -> None:
+        """log.txt, the checkpoint and the tracker after `epoch`; stops here when a signal arrived during it."""
+        self.log_history.append(log_stats)
+        self.checkpoint(epoch + 1)
+        self._append_log(log_stats, plot=self.plot_curves)
+        self.tracker.log_epoch(self.iters_per_epoch * (epoch + 1) - 1, log_stats)
+        signum = self.stop.agreed()
+        if signum and epoch + 1 < self.args.epochs:
+            raise self.stop.interrupted(signum, f"after epoch {epoch}", self.path)
+
+
 def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer: torch.optim.Optimizer,
         data_loader, lr_schedule, wd_schedule, state: Dict[str, Any], autocast=contextlib.nullcontext,
         fp16_scaler: Optional[torch.amp.GradScaler] = None, after_step: Optional[Callable[[int], Dict]] = None,
-        bad_images: Optional[data.BadImageTracker] = None, knn_datasets=None,
-        knn_backbone: Optional[nn.Module] = None, knn_who: str = "teacher",
+        bad_images: Optional[data.BadImageTracker] = None,
+        evaluate: Optional[Callable[[int], Dict[str, Any]]] = None,
         extra_checkpoint: Optional[Dict[str, Any]] = None,
-        check_checkpoint: Optional[Callable[[dict], None]] = None) -> None:
+        check_checkpoint: Optional[Callable[[dict], None]] = None, evaluate_at_start: bool = False,
+        detector=None) -> None:
     """Train `student` for the epochs left, resuming from output_dir/checkpoint.pth when it exists.
 
     `state`: everything else that a checkpoint restores, by name (modules, optimizer, losses with a centre,
     the scaler). The checkpoint also holds `epoch`, `args`, per-rank RNG states, the log history and
     `extra_checkpoint`; `check_checkpoint(checkpoint)` can refuse a checkpoint before anything is loaded.
+    `evaluate(epoch)`, if given, runs after every epoch and returns the figures to log (possibly none); with
+    `evaluate_at_start`, also as `evaluate(-1)` before the first step of a new run (log.txt record of epoch -1).
+    `detector`: a health.CollapseDetector watching the steps' metrics (see train_one_epoch).
     """
-    # ============ optionally resume training ... ============
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if utils.is_main_process():
-        utils.remove_stale_temporaries(args.output_dir)
-    to_restore = {"epoch": 0, "log_history": [], "position": None, "tracking": None, "nonfinite_skipped": 0}
-    checkpoint = utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, check=check_checkpoint,
-                                               student=student, optimizer=optimizer, fp16_scaler=fp16_scaler,
-                                               **state)
-    start_epoch, log_history = to_restore["epoch"], list(to_restore["log_history"])
-    position = to_restore["position"]  # set when the checkpoint was written inside an epoch
-    args.nonfinite_skipped = to_restore["nonfinite_skipped"]  # --skip_nonfinite counts over the whole run
-    log_path = os.path.join(args.output_dir, "log.txt")
-    if checkpoint is not None:
-        rng_states = checkpoint.get("rng_states") or []
-        if len(rng_states) == args.world_size:
-            utils.set_rng_state(rng_states[args.rank])
-        if "log_history" in checkpoint:
-            utils.sync_log_with_checkpoint(log_path, log_history)
-        del checkpoint
-    else:
-        utils.sync_log_with_checkpoint(log_path, None)
-    if position is not None:
-        # the position counts batches of each rank's share: it means the same samples only with the same split
-        saved = (len(position["ranks"]), position.get("batch_size_per_gpu", args.batch_size_per_gpu),
-                 position.get("grad_accum_steps", args.grad_accum_steps))
-        if saved != (args.world_size, args.batch_size_per_gpu, args.grad_accum_steps):
-            raise utils.UserError(
-                f"{checkpoint_path} was written in the middle of epoch {start_epoch} by {saved[0]} processes with "
-                f"--batch_size_per_gpu {saved[1]} and --grad_accum_steps {saved[2]}; resume it with the same number "
-                f"of processes (this run has {args.world_size}) and the same flags")
     niter_per_ep = len(data_loader) // args.grad_accum_steps
-    tracker = tracking.Tracker(
-        args, start_iteration=start_epoch * niter_per_ep + (position["batches"] // args.grad_accum_steps
-                                                            if position is not None else 0),
-        iters_per_epoch=niter_per_ep, images_per_batch=args.batch_size_per_gpu * args.world_size,
-        state=to_restore["tracking"])
 
-    def save_checkpoint(epochs_done: int, rank_position: Optional[Dict] = None) -> None:
-        """checkpoint.pth after `epochs_done` epochs, plus, inside an epoch, every rank's position in it."""
-        per_rank = [(utils.get_rng_state(), rank_position)]
-        if args.world_size > 1:
-            per_rank = [None] * args.world_size
-            dist.all_gather_object(per_rank, (utils.get_rng_state(), rank_position))
-        save_dict = {'student': ddp_state_dict(student)}
-        save_dict.update({k: v.state_dict() for k, v in state.items() if v is not None})
-        save_dict.update({'optimizer': optimizer.state_dict(), 'epoch': epochs_done, 'args': plain_args(args),
-                          'rng_states': [r for r, _ in per_rank], 'log_history': log_history,
-                          'tracking': tracker.state_dict(),
-                          'nonfinite_skipped': args.nonfinite_skipped,
-                          **(extra_checkpoint or {})})
-        if rank_position is not None:
-            save_dict['position'] = {"epoch": epochs_done, "batches": rank_position["batches"],
-                                     "batch_size_per_gpu": args.batch_size_per_gpu,
-                                     "grad_accum_steps": args.grad_accum_steps, "ranks": [p for _, p in per_rank]}
+    def contents(epochs_done: int, ranks: Optional[List[Dict]]) -> Dict[str, Any]:
+        saved = {"student": ddp_state_dict(student), **{k: v.state_dict() for k, v in state.items() if v is not None},
+                 "optimizer": optimizer.state_dict(), "args": plain_args(args),
+                 "nonfinite_skipped": args.nonfinite_skipped, **(extra_checkpoint or {})}
         if fp16_scaler is not None:
-            save_dict['fp16_scaler'] = fp16_scaler.state_dict()
-        utils.save_on_master(save_dict, checkpoint_path)
-        if rank_position is None and args.saveckp_freq and (epochs_done - 1) % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epochs_done - 1:04}.pth'))
+            saved["fp16_scaler"] = fp16_scaler.state_dict()
+        return saved
 
-    stop = StopSignals(args.world_size)
-    every_iters = getattr(args, "saveckp_every_iters", 0)
-
-    def between_steps(it: int, position_fn: Callable[[], Dict]) -> None:
-        signum = stop.agreed()
-        if signum or (every_iters and (it + 1) % every_iters == 0):
-            epoch, step_in_epoch = divmod(it, niter_per_ep)
-            save_checkpoint(epoch, position_fn())
-            if signum:
-                raise stop.interrupted(signum, f"at epoch {epoch}, iteration {step_in_epoch + 1}/{niter_per_ep}",
-                                       checkpoint_path)
-
+    run = Run(args, os.path.join(args.output_dir, "checkpoint.pth"), iters_per_epoch=niter_per_ep,
+              contents=contents, plot_curves=True)
+    restored = run.resume(check=check_checkpoint, run_variables={"nonfinite_skipped": 0}, student=student,
+                          optimizer=optimizer, fp16_scaler=fp16_scaler, **state)
+    args.nonfinite_skipped = restored["nonfinite_skipped"]  # --skip_nonfinite counts over the whole run
     start_time = time.time()
-    with tracker, stop:
-        for epoch in range(start_epoch, args.epochs):
-            rank_position = position["ranks"][args.rank] if position and position["epoch"] == epoch else None
+    with run:
+        if evaluate is not None and evaluate_at_start and run.start_epoch == 0 and run.position is None \
+                and not run.log_history:
+            print("Evaluating the network before the first step (--knn_eval_at_start)")
+            run.log_start(evaluate(-1))
+        for epoch in range(run.start_epoch, args.epochs):
+            rank_position = run.rank_position(epoch)
             start = rank_position["batches"] * args.batch_size_per_gpu if rank_position else 0
             data_loader.sampler.set_epoch(epoch, start)
             train_stats = train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch,
                                           args, fp16_scaler, autocast, bad_images, after_step, rank_position,
-                                          between_steps, tracker)
+                                          run.between_steps, run.tracker, detector)
             data_loader.sampler.set_epoch(epoch, 0)
-            position = None
-
-            # ============ writing logs ... ============
             log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-            if knn_datasets and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
-                log_stats.update(online_knn(knn_backbone, knn_datasets, args, autocast, knn_who))
-            log_history.append(log_stats)
-            save_checkpoint(epoch + 1)
-            if utils.is_main_process():
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(log_stats) + "\n")
-                utils.plot_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"))
-            tracker.log_epoch(niter_per_ep * (epoch + 1) - 1, log_stats)
-            signum = stop.agreed()
-            if signum and epoch + 1 < args.epochs:
-                raise stop.interrupted(signum, f"after epoch {epoch}", checkpoint_path)
+            if evaluate is not None:
+                log_stats.update(evaluate(epoch))
+            run.end_epoch(epoch, log_stats)
     total_time = time.time() - start_time
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
     if utils.is_main_process():
+        start = next((r for r in run.log_history if r.get("epoch") == -1 and "knn_top1" in r), None)
+        last = next((r for r in reversed(run.log_history) if r.get("epoch", -1) >= 0 and "knn_top1" in r), None)
+        if start is not None and last is not None:
+            print(f"20-NN top-1: {start['knn_top1']:.2f}% before training, {last['knn_top1']:.2f}% after epoch "
+                  f"{last['epoch']} ({last['knn_top1'] - start['knn_top1']:+.2f} points)")
         plot = os.path.join(args.output_dir, "training_curves.png")
-        print(f"Log (one JSON line per epoch): {log_path}")
-        print(f"Checkpoint: {checkpoint_path}")
+        print(f"Log (one JSON line per epoch): {run.log_path}")
+        print(f"Checkpoint: {run.path}")
         if os.path.isfile(plot):
             print(f"Training curves: {plot}")
             print("Compare runs with: python plot_curves.py RUN_DIR [RUN_DIR ...]")

@@ -7,17 +7,20 @@
 
 `--data_path` holds `train/` and `val/` ImageFolder trees. Runs on CPU, one GPU or under torchrun
 (every rank extracts its share of the features; they are gathered in dataset order). The same
-functions serve the online k-NN of `main_dino.py`.
+functions serve the online k-NN of the training scripts: `online_knn_callback` gives `engine.fit` the
+`evaluate(epoch)` it runs after every epoch.
 """
 import argparse
 import os
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import backbones
+import checkpointing
 import data
 import utils
 
@@ -58,88 +61,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------------
-def build_eval_model(arch: str, patch_size: int, pretrained_weights: str, checkpoint_key: Optional[str],
-                     device: torch.device) -> nn.Module:
-    """The frozen backbone to evaluate, in eval mode on `device`."""
-    model, _ = utils.build_backbone(arch, patch_size)
-    utils.load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
-    model.eval().requires_grad_(False)
-    print(f"Model {arch} {patch_size}x{patch_size} built.")
-    return model.to(device)
-
-
-def split_datasets(data_path: str, resize_size: int, crop_size: int) -> Tuple[data.EvalDataset, data.EvalDataset]:
-    """The `train` and `val` splits of `data_path` with the evaluation transform."""
-    transform = data.eval_transform(resize_size, crop_size)
-    if data_path == "synthetic" or data_path.startswith("synthetic:"):
-        bases = [data.build_dataset(data_path, split) for split in ("train", "val")]
-    else:
-        for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(data_path, split)):
-                raise utils.UserError(f"--data_path {data_path} has no {split}/ folder: give a folder with train/ "
-                                      "and val/ ImageFolder trees")
-        bases = [data.build_dataset(os.path.join(data_path, split)) for split in ("train", "val")]
-    if bases[0].classes != bases[1].classes:
-        raise utils.UserError(f"train/ and val/ of {data_path} do not have the same class folders "
-                              f"({len(bases[0].classes)} vs {len(bases[1].classes)})")
-    return data.EvalDataset(bases[0], transform), data.EvalDataset(bases[1], transform)
-
-
-def gather_in_order(local: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Rows of all ranks in dataset order. Rank r holds rows r, r + W, ... of the evenly padded order of a
-    non-shuffling DistributedSampler; the padding (repeated first samples) is dropped."""
-    if not utils.is_dist_avail_and_initialized() or dist.get_world_size() == 1:
-        return local[:num_samples]
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.stack(parts, dim=1).flatten(0, 1)[:num_samples]
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, data_loader, device: torch.device, use_cuda: bool = True,
-                     header: str = "Features", print_freq: int = 10,
-                     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, List[str]]:
-    """Features (`forward(images)`, by default `model(images)`) of every image of `data_loader.dataset`,
-    in dataset order, on every rank.
-
-    Returns `(features [N, D] float32, errors)`; `errors` names the images that could not be read (their
-    rows are zero; see `drop_unreadable`). Features stay on `device` when `use_cuda`, else on the CPU.
-    """
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    local, errors = [], []
-    for samples, _, bad in metric_logger.log_every(data_loader, print_freq, header):
-        samples = samples.to(device, non_blocking=True)
-        feats = (forward or model)(samples).float()
-        local.append(feats if use_cuda else feats.cpu())
-        errors += [b for b in bad if b]
-    local = torch.cat(local)
-    comm_device = device if utils.is_dist_avail_and_initialized() and dist.get_backend() == "nccl" else "cpu"
-    features = gather_in_order(local.to(comm_device), len(data_loader.dataset))
-    if utils.is_dist_avail_and_initialized() and dist.get_world_size() > 1:
-        all_errors: List[List[str]] = [None] * dist.get_world_size()
-        dist.all_gather_object(all_errors, errors)
-        errors = sorted({e for rank_errors in all_errors for e in rank_errors})
-    return features.to(device if use_cuda else "cpu"), errors
-
-
-def readable_mask(dataset: data.EvalDataset, errors: Sequence[str]) -> torch.Tensor:
-    """[N] bool, in dataset order: False for the images named in `errors` ("path: reason" lines)."""
-    bad_paths = {e.split(": ", 1)[0] for e in errors}
-    return torch.tensor([path not in bad_paths for path, _ in dataset.samples], dtype=torch.bool)
-
-
-def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, dataset: data.EvalDataset,
+def drop_unreadable(features: torch.Tensor, labels: torch.Tensor, dataset: data.LabeledDataset,
                     errors: Sequence[str], split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Leave out the images that could not be read, naming each one."""
     if not errors:
         return features, labels
     for e in errors:
         print(f"WARNING: unreadable {split} image left out of the evaluation: {e}")
-    keep = readable_mask(dataset, errors).to(features.device)
+    keep = backbones.readable_mask(dataset.samples, errors).to(features.device)
     return features[keep], labels[keep.to(labels.device)]
 
 
-def compute_features(model: nn.Module, dataset_train: data.EvalDataset, dataset_val: data.EvalDataset,
+def compute_features(model: nn.Module, dataset_train: data.LabeledDataset, dataset_val: data.LabeledDataset,
                      batch_size: int, num_workers: int, device: torch.device, use_cuda: bool = True):
     """L2-normalised train and val features and their labels, in dataset order, unreadable images left out."""
     rank, world = utils.get_rank(), utils.get_world_size()
@@ -148,7 +81,8 @@ def compute_features(model: nn.Module, dataset_train: data.EvalDataset, dataset_
         loader = data.build_eval_loader(dataset, batch_size, num_workers, rank, world,
                                         pin_memory=device.type == "cuda")
         print(f"Extracting features for {split} set ({len(dataset)} images)...")
-        features, errors = extract_features(model, loader, device, use_cuda, header=f"Features ({split})")
+        features, errors = backbones.extract_features(model, loader, device, use_cuda,
+                                                      header=f"Features ({split})")
         features = nn.functional.normalize(features, dim=1, p=2)
         labels = torch.tensor(dataset.targets, dtype=torch.long, device=features.device)
         out += drop_unreadable(features, labels, dataset, errors, split)
@@ -202,6 +136,66 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 # ----------------------------------------------------------------------------------------------------
+# Online k-NN
+# ----------------------------------------------------------------------------------------------------
+def add_online_knn_args(parser: argparse.ArgumentParser) -> None:
+    """The online k-NN flags of the training scripts."""
+    parser.add_argument('--knn_data_path', default='', type=str, help="""Online k-NN: a folder with train/ and
+        val/ ImageFolder trees (a subset is fine), or "synthetic". The 20-NN accuracy of the evaluated backbone
+        (DINO: the teacher; distillation: the student) is logged as knn_top1/knn_top5 in log.txt. Empty: none.""")
+    parser.add_argument('--knn_eval_freq', default=1, type=int, help="""Run the online k-NN every x epochs
+        (and after the last one).""")
+    parser.add_argument('--knn_eval_at_start', default=False, type=utils.bool_flag, help="""Also run the online
+        k-NN (and RankMe) on the network before the first step, logged in log.txt as a record with epoch -1: the
+        run's own random-initialisation baseline. Needs --knn_data_path.""")
+    parser.add_argument('--knn_resize_size', default=None, type=int, help="""Online k-NN: resize of the short
+        side (default: 256/224 of --knn_crop_size).""")
+    parser.add_argument('--knn_crop_size', default=None, type=int, help="""Online k-NN: center-crop size
+        (default: --global_crops_size).""")
+
+
+def build_knn_data(args: argparse.Namespace):
+    """The train/val datasets of the online k-NN (None without --knn_data_path), checked before training."""
+    if not args.knn_data_path:
+        return None
+    crop = args.knn_crop_size or args.global_crops_size
+    resize = args.knn_resize_size or int(round(crop * 256 / 224))
+    train, val = data.labeled_splits(args.knn_data_path, resize, crop)
+    print(f"Online k-NN every {args.knn_eval_freq} epoch(s) on {args.knn_data_path}: {len(train)} train and "
+          f"{len(val)} val images, resize {resize}, crop {crop}.")
+    return train, val
+
+
+def online_knn(backbone: nn.Module, knn_datasets, args: argparse.Namespace, autocast, who: str) -> Dict[str, float]:
+    """20-NN accuracy of `backbone`; {knn_top1, knn_top5, knn_time}."""
+    start = time.time()
+    was_training = backbone.training
+    backbone.eval()  # batch norms use their running statistics, as in eval_knn.py
+    with autocast():
+        train_f, train_l, test_f, test_l = compute_features(
+            backbone, *knn_datasets, args.batch_size_per_gpu, args.num_workers, args.device)
+    backbone.train(was_training)
+    top1, top5 = knn_accuracy(train_f.float(), train_l, test_f.float(), test_l, k=20, T=0.07)
+    print(f"Online 20-NN of the {who}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({time.time() - start:.0f} s)")
+    return {"knn_top1": top1, "knn_top5": top5, "knn_time": time.time() - start}
+
+
+def online_knn_callback(args: argparse.Namespace, backbone: nn.Module, autocast,
+                        who: str) -> Optional[Callable[[int], Dict[str, float]]]:
+    """`evaluate(epoch)` for engine.fit: the 20-NN of `backbone` every --knn_eval_freq epochs and after the
+    last; None without --knn_data_path. The data is read and checked now, before any training."""
+    datasets = build_knn_data(args)
+    if datasets is None:
+        return None
+
+    def evaluate(epoch: int) -> Dict[str, float]:
+        if (epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs:
+            return online_knn(backbone, datasets, args, autocast, who)
+        return {}
+    return evaluate
+
+
+# ----------------------------------------------------------------------------------------------------
 # Feature files (the official names)
 # ----------------------------------------------------------------------------------------------------
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
@@ -210,7 +204,7 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 def dump_features(folder: str, tensors: Sequence[torch.Tensor]) -> None:
     os.makedirs(folder, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, tensors):
-        utils.save_checkpoint(tensor.cpu(), os.path.join(folder, name))
+        checkpointing.atomic_save(tensor.cpu(), os.path.join(folder, name))
     print(f"Features written to {folder} ({', '.join(FEATURE_FILES)})")
 
 
@@ -219,7 +213,7 @@ def load_features(folder: str) -> List[torch.Tensor]:
     if missing:
         raise utils.UserError(f"--load_features {folder} lacks {', '.join(missing)}: give the folder written by "
                               "--dump_features")
-    tensors = [utils.load_checkpoint(os.path.join(folder, n)) for n in FEATURE_FILES]
+    tensors = [checkpointing.load_checkpoint(os.path.join(folder, n)) for n in FEATURE_FILES]
     if not all(isinstance(t, torch.Tensor) for t in tensors) or tensors[0].shape[0] != tensors[2].shape[0] \
             or tensors[1].shape[0] != tensors[3].shape[0] or tensors[0].shape[1] != tensors[1].shape[1]:
         raise utils.UserError(f"the feature files in {folder} do not belong together (shapes "
@@ -240,9 +234,9 @@ def eval_knn(args: argparse.Namespace) -> List[Tuple[int, float, float]]:
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_features(args.load_features)
     else:
-        dataset_train, dataset_val = split_datasets(args.data_path, args.resize_size, args.crop_size)
+        dataset_train, dataset_val = data.labeled_splits(args.data_path, args.resize_size, args.crop_size)
         print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
-        model = build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
+        model = backbones.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
                                  args.device)
         start = time.time()
         train_features, train_labels, test_features, test_labels = compute_features(

@@ -16,29 +16,26 @@ RandomResizedCrop and flips. Beyond it:
 - `--cache_features` trains without augmentation (the val transform) on features extracted once.
 - Unreadable images are named once and left out; `--evaluate` tests linear weights, ours or official.
 
-Runs on CPU, one GPU or under torchrun. Restarting the same command resumes from
-`output_dir/checkpoint.pth.tar`. SIGTERM, SIGINT or SIGUSR2 (what SLURM and submitit send before a timeout or
-a preemption) finish the current iteration, checkpoint the exact position inside the epoch and stop; the same
-command then continues at the next iteration, with the same samples and augmentations, as if never stopped
-(`--saveckp_every_iters` also writes such checkpoints periodically, for crashes without a signal).
+Runs on CPU, one GPU or under torchrun. Resume, checkpoints and stop signals are engine.py's, as in
+pretraining: the same command resumes from `output_dir/checkpoint.pth.tar`, at the exact iteration where a
+SIGTERM, SIGINT or SIGUSR2 stopped it (`--saveckp_every_iters` also writes such checkpoints periodically).
 """
 import argparse
-import datetime
-import json
 import math
 import os
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import augmentations
+import backbones
+import runtime
 import data
 import engine
-import eval_knn
 import tracking
 import utils
 
@@ -133,76 +130,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Features and heads
+# Heads (backbones.LinearHeads, one per learning rate and pooling, trained side by side), unreadable images
 # ----------------------------------------------------------------------------------------------------
-def is_vit(arch: str) -> bool:
-    """Our ViTs get the official CLS-token features; anything else (timm ViTs included) gives model(images)."""
-    return utils.DEIT_ALIASES.get(arch, arch) in utils.VIT_ARCHS
-
-
-@torch.no_grad()
-def backbone_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int, avgpool: bool,
-                      vit: bool) -> torch.Tensor:
-    """What the frozen backbone gives the heads, computed once per batch for all of them: for a ViT, the CLS
-    tokens of the last `n_last_blocks` blocks concatenated (the official feature), then, with `avgpool`, the
-    mean patch token of the last block; for other models, model(images)."""
-    if not vit:
-        return model(images)
-    intermediate_output = model.get_intermediate_layers(images, n_last_blocks)
-    parts = [x[:, 0] for x in intermediate_output]
-    if avgpool:
-        parts.append(torch.mean(intermediate_output[-1][:, 1:], dim=1))
-    return torch.cat(parts, dim=-1)
-
-
-class LinearClassifier(nn.Module):
-    """Linear layer to train on top of frozen features (the official module: keys linear.weight/bias)."""
-
-    def __init__(self, dim: int, num_labels: int = 1000):
-        super().__init__()
-        self.num_labels = num_labels
-        self.linear = nn.Linear(dim, num_labels)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)
-        self.linear.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # flatten
-        x = x.view(x.size(0), -1)
-        # linear layer
-        return self.linear(x)
-
-
-class LinearHeads(nn.Module):
-    """One LinearClassifier per entry of `avgpools`, all fed from the same `backbone_features` output (with the
-    mean patch token when any head uses it). Each head sees the official layout of its feature."""
-
-    def __init__(self, avgpools: Sequence[bool], num_labels: int, feature_dim: int, n_last_blocks: int, vit: bool):
-        super().__init__()
-        self.avgpools, self.n_last_blocks, self.vit = list(avgpools), n_last_blocks, vit
-        # for a ViT, feature_dim is the backbone's embed_dim; else the width of model(images)
-        self.feature_dim = feature_dim
-        self.heads = nn.ModuleList(LinearClassifier(self.input_dim(a), num_labels) for a in self.avgpools)
-
-    def input_dim(self, avgpool: bool) -> int:
-        return self.feature_dim * (self.n_last_blocks + int(avgpool)) if self.vit else self.feature_dim
-
-    def head_input(self, features: torch.Tensor, avgpool: bool) -> torch.Tensor:
-        if not self.vit:
-            return features
-        n, dim = self.n_last_blocks, self.feature_dim
-        if not avgpool:
-            return features[:, :n * dim]
-        # The official line, torch.cat((output.unsqueeze(-1), mean.unsqueeze(-1)), dim=-1).reshape(B, -1),
-        # interleaves CLS and mean channel by channel (and only runs for n_last_blocks=1, as used with ViT-B).
-        # Interleaving the n CLS tokens and the mean the same way is exactly that layout for n=1, so that the
-        # official linear weights load, and defines one for n > 1.
-        return features.view(features.shape[0], n + 1, dim).transpose(1, 2).reshape(features.shape[0], -1)
-
-    def forward(self, features: torch.Tensor) -> List[torch.Tensor]:
-        inputs = {a: self.head_input(features, a) for a in set(self.avgpools)}
-        return [head(inputs[a]) for head, a in zip(self.heads, self.avgpools)]
-
-
 def head_name(lr: float, avgpool: bool) -> str:
     return f"lr{lr:g}" + ("_avgpool" if avgpool else "")
 
@@ -214,9 +143,6 @@ def masked_cross_entropy(output: torch.Tensor, target: torch.Tensor, valid: torc
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Unreadable images
-# ----------------------------------------------------------------------------------------------------
 def name_unreadable(errors: Iterable[str], split: str, named: Set[str]) -> None:
     """Print each unreadable image once per run (`named` holds the paths already named)."""
     for e in errors:
@@ -245,12 +171,12 @@ def train_transform(crop_size: int):
         transforms.RandomResizedCrop(crop_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(data.IMAGENET_DEFAULT_MEAN, data.IMAGENET_DEFAULT_STD),
+        transforms.Normalize(augmentations.IMAGENET_DEFAULT_MEAN, augmentations.IMAGENET_DEFAULT_STD),
     ])
 
 
 def loader_batches(loader, errors: List[str]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images, labels, readable) of a DataLoader over an EvalDataset; the unreadable ones go to `errors`."""
+    """(images, labels, readable) of a DataLoader over a LabeledDataset; the unreadable ones go to `errors`."""
     for images, target, bad in loader:
         errors += [b for b in bad if b]
         yield images, target, torch.tensor([not b for b in bad], dtype=torch.bool)
@@ -266,7 +192,7 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, readable: torch
         yield features[idx], labels[idx], readable[idx]
 
 
-def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, num_batches: int,
+def train_heads(heads: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, num_batches: int,
                     names: Sequence[str], device: torch.device, epoch: int, print_freq: int = 20,
                     to_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     position: Optional[Dict] = None, between_steps: Optional[Callable[[int, Callable], None]] = None,
@@ -276,8 +202,8 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
 
     Mid-epoch resume: `position` (this rank's, from `between_steps`) continues the epoch after its first
     `position["batches"]` batches, which `batches` must already leave out. `between_steps(it, position_fn)` runs
-    after every optimizer step but the epoch's last; `position_fn()` returns this rank's position, for a
-    checkpoint. `tracker` gets every head's loss and lr every --log_freq iterations."""
+    after every optimizer step but the epoch's last, with the global iteration; `position_fn()` returns this
+    rank's position, for a checkpoint. `tracker` gets every head's loss and lr every --log_freq iterations."""
     heads.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = 'Epoch: [{}]'.format(epoch)
@@ -309,7 +235,7 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
                 **{f"loss/{name}": losses[i] for i, name in enumerate(names)},
                 **{f"lr/{name}": optimizer.param_groups[i]["lr"] for i, name in enumerate(names)}})
         if between_steps is not None and it + 1 < num_batches:
-            between_steps(it, position_fn)
+            between_steps(epoch * num_batches + it, position_fn)
     # gather the stats from all processes
     metric_logger.synchronize_between_processes()
     # the lr of each head is constant within an epoch (the scheduler steps per epoch)
@@ -317,8 +243,8 @@ def train_one_epoch(heads: nn.Module, optimizer: torch.optim.Optimizer, batches:
             for i, name in enumerate(names)}
 
 
-def check_finite_state(heads: LinearHeads, names: Sequence[str], ranks: Sequence[Dict], epoch: int, batches: int,
-                       checkpoint_path: str) -> None:
+def check_finite_state(heads: backbones.LinearHeads, names: Sequence[str], ranks: Sequence[Dict], epoch: int,
+                       batches: int, checkpoint_path: str) -> None:
     """Refuse to checkpoint a state where every head diverged (non-finite weights, or a non-finite loss on any
     rank so far this epoch): the run would resume it. One diverged head of several is only reported. The same
     decision on every rank (`ranks`: every rank's position)."""
@@ -335,7 +261,7 @@ def check_finite_state(heads: LinearHeads, names: Sequence[str], ranks: Sequence
 
 
 @torch.no_grad()
-def validate(heads: LinearHeads, features: torch.Tensor, labels: torch.Tensor, readable: torch.Tensor,
+def validate(heads: backbones.LinearHeads, features: torch.Tensor, labels: torch.Tensor, readable: torch.Tensor,
              chunk: int = 4096) -> List[Dict[str, float]]:
     """Loss, top-1 and top-5 (%) of every head over the readable images, each counted once (the features are in
     dataset order, without the padding of a DistributedSampler). acc5 only with 5 labels or more (official)."""
@@ -368,28 +294,200 @@ def best_index(stats: Sequence[Dict[str, float]]) -> int:
     return min(range(len(stats)), key=lambda i: (-stats[i]["acc1"], stats[i]["loss"], i))
 
 
-def official_state_dict(head: LinearClassifier) -> Dict[str, torch.Tensor]:
-    """A head's weights as the official script saves its DDP-wrapped classifier (module.linear.*), copied."""
-    return {f"module.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()}
+# ----------------------------------------------------------------------------------------------------
+# The script's parts
+# ----------------------------------------------------------------------------------------------------
+class FrozenBackbone:
+    """The frozen backbone of `args`, and the features it gives the heads (under --use_fp16 autocast)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.model = backbones.build_eval_model(args.arch, args.patch_size, args.pretrained_weights,
+                                                args.checkpoint_key, args.device)
+        self.vit = backbones.is_vit(args.arch)
+        if self.vit and args.n_last_blocks > len(self.model.blocks):
+            raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} is larger than the depth of {args.arch} "
+                                  f"({len(self.model.blocks)} blocks): use at most {len(self.model.blocks)}")
+        # the backbone only runs forward, frozen: no gradient scaler even for fp16
+        self.autocast, _, precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
+        print(f"Backbone precision: {precision}.")
+        self.named: Set[str] = set()  # unreadable images already named
+
+    def feature_fn(self, avgpool: bool, n_last_blocks: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        n = n_last_blocks or self.args.n_last_blocks
+
+        def features(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), self.autocast():
+                return backbones.linear_features(self.model, images, n, avgpool, self.vit).float()
+        return features
+
+    def extract(self, dataset: data.LabeledDataset, split: str, avgpool: bool, on_device: bool,
+                n_last_blocks: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Features of `dataset` in dataset order on every rank, and its readable mask; timed."""
+        args, start = self.args, time.time()
+        loader = data.build_eval_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.rank,
+                                        args.world_size, pin_memory=args.device.type == "cuda")
+        features, errors = backbones.extract_features(self.model, loader, args.device, use_cuda=on_device,
+                                                      header=f"Features ({split})", print_freq=args.print_freq,
+                                                      forward=self.feature_fn(avgpool, n_last_blocks))
+        name_unreadable(errors, split, self.named)
+        print(f"{split} features of {len(dataset)} images extracted in {time.time() - start:.1f} s "
+              f"({features.shape[1]} dims).")
+        return features, backbones.readable_mask(dataset.samples, errors)
+
+    def width(self, features: torch.Tensor) -> int:
+        """The heads' `feature_dim`: a ViT's embed_dim, else the width of its features."""
+        return self.model.embed_dim if self.vit else features.shape[1]
 
 
-def load_linear_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict]]:
-    """(linear.weight/linear.bias, metadata or None) of an official *_linearweights.pth, a checkpoint.pth.tar of
-    this script (its best head, with the feature settings it was trained on) or a bare state_dict."""
-    checkpoint = utils.load_checkpoint(path)
-    if isinstance(checkpoint, dict) and "run_config" in checkpoint and checkpoint.get("state_dict") is None:
-        # written inside the first epoch (a signal, --saveckp_every_iters): no head has been validated yet
-        raise utils.UserError(f"{path} was written in the middle of epoch {checkpoint.get('epoch')}, before any head "
-                              "was validated: finish the training first (the same command without --evaluate)")
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if isinstance(state_dict, dict):
-        state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    if not isinstance(state_dict, dict) or set(state_dict) != {"linear.weight", "linear.bias"}:
-        keys = sorted(state_dict)[:6] if isinstance(state_dict, dict) else type(checkpoint).__name__
-        raise utils.UserError(f"{path} holds no linear classifier (expected 'state_dict' with linear.weight and "
-                              f"linear.bias, found {keys}): give a checkpoint.pth.tar of eval_linear.py or an "
-                              "official *_linearweights.pth")
-    return state_dict, checkpoint.get("best_head")
+def evaluate_weights(args: argparse.Namespace, backbone: FrozenBackbone, dataset_val: data.LabeledDataset) -> Dict:
+    """--evaluate: the val accuracy of given linear weights (--pretrained_linear, else output_dir's best head)."""
+    path = args.pretrained_linear or os.path.join(args.output_dir, "checkpoint.pth.tar")
+    if not args.pretrained_linear and not os.path.isfile(path):
+        raise utils.UserError(f"--evaluate needs linear weights: give --pretrained_linear PATH, or an "
+                              f"--output_dir holding checkpoint.pth.tar (none in {args.output_dir})")
+    state_dict, meta = backbones.load_linear_weights(path)
+    avgpool, n_last_blocks = args.avgpool_patchtokens, args.n_last_blocks
+    if meta:  # our checkpoint says which feature its best head was trained on
+        avgpool, n_last_blocks = bool(meta["avgpool"]), int(meta["n_last_blocks"])
+        print(f"Linear head of {path}: trained with lr {meta['lr']:g}, avgpool_patchtokens {avgpool}, "
+              f"n_last_blocks {n_last_blocks} on {meta['arch']} (epoch {meta['epoch']}, val top-1 "
+              f"{meta['acc1']:.2f}%)")
+        if backbone.vit and n_last_blocks > len(backbone.model.blocks):
+            raise utils.UserError(f"{path} was trained on the last {n_last_blocks} blocks; {args.arch} has "
+                                  f"{len(backbone.model.blocks)}: use the --arch of the run that wrote it")
+    elif avgpool == "both":
+        raise utils.UserError(f"{path} does not say whether it takes avgpooled features: give "
+                              "--avgpool_patchtokens true or false")
+    avgpool = avgpool and backbone.vit
+    val_features, val_readable = backbone.extract(dataset_val, "val", avgpool, True, n_last_blocks)
+    num_labels, weight_dim = state_dict["linear.weight"].shape
+    heads = backbones.LinearHeads([avgpool], num_labels, backbone.width(val_features), n_last_blocks, backbone.vit)
+    heads = heads.to(args.device)
+    if weight_dim != heads.input_dim(avgpool):
+        raise utils.UserError(f"the linear weights of {path} take {weight_dim}-dim features but {args.arch} with "
+                              f"--n_last_blocks {n_last_blocks} --avgpool_patchtokens {avgpool} gives "
+                              f"{heads.input_dim(avgpool)}: use the flags it was trained with")
+    if num_labels < len(dataset_val.classes):
+        raise utils.UserError(f"the linear weights of {path} have {num_labels} labels, fewer than the "
+                              f"{len(dataset_val.classes)} classes of {args.data_path}")
+    heads.heads[0].load_state_dict(state_dict)
+    val_labels = torch.tensor(dataset_val.targets, dtype=torch.long)
+    test_stats = validate(heads, val_features, val_labels, val_readable)[0]
+    print(f"Accuracy of the network on the {int(val_readable.sum())} test images: {test_stats['acc1']:.1f}%")
+    return {"test": test_stats, "num_images": int(val_readable.sum())}
+
+
+def train_batches(args: argparse.Namespace, backbone: FrozenBackbone, dataset_train: data.LabeledDataset,
+                  avgpool: bool, errors: List[str]):
+    """(batches(epoch, skip), batches per epoch, to_features): the training mini-batches of an epoch, after
+    its first `skip` samples, as cached features (--cache_features) or as images (augmented unless
+    --train_augmentation false) with `to_features` to run the backbone on them; unreadable images go to
+    `errors`."""
+    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
+                                                  shuffle=True, seed=args.seed)
+    num_batches = math.ceil(sampler.num_samples / args.batch_size_per_gpu)
+    if args.cache_features:
+        print("--cache_features: the train images get the val transform (no augmentation); their features are "
+              "extracted once.")
+        features, readable = backbone.extract(dataset_train, "train", avgpool, on_device=False)
+        labels = torch.tensor(dataset_train.targets, dtype=torch.long)
+
+        def cached(epoch: int, skip: int) -> Iterable:
+            sampler.set_epoch(epoch)
+            return cached_batches(features, labels, readable, list(sampler)[skip:], args.batch_size_per_gpu)
+        return cached, num_batches, None
+    if args.train_augmentation:
+        # seeded per sample from (seed, epoch, index): the same augmentations whatever the workers, and after a
+        # mid-epoch resume
+        dataset_train = data.LabeledDataset(dataset_train.base, train_transform(args.crop_size), seed=args.seed)
+    else:
+        print("--train_augmentation false: the train images get the val transform.")
+    # an EpochSampler, whose set_epoch(epoch, start) skips the batches of an interrupted epoch unread
+    loader = data.build_eval_loader(dataset_train, args.batch_size_per_gpu, args.num_workers, args.rank,
+                                    args.world_size, shuffle=True, seed=args.seed,
+                                    pin_memory=args.device.type == "cuda", epoch_sampler=True)
+
+    def images(epoch: int, skip: int) -> Iterable:
+        loader.sampler.set_epoch(epoch, skip)  # the consumed batches are not read again
+        return loader_batches(loader, errors)
+    return images, num_batches, backbone.feature_fn(avgpool)
+
+
+class BestHead:
+    """The best head so far (by val top-1, then loss) over the epochs: its figures and its weights."""
+
+    def __init__(self, acc: float = 0., head: Optional[Dict] = None, state_dict: Optional[Dict] = None):
+        self.acc, self.head, self.state_dict = acc, head, state_dict
+
+    def update(self, test_stats: List[Dict[str, float]], heads: backbones.LinearHeads,
+               configs: Sequence[Tuple[float, bool]], names: Sequence[str], epoch: int,
+               args: argparse.Namespace) -> int:
+        """Take this epoch's best head if it beats the best so far; returns its index."""
+        shown = best_index(test_stats)
+        if self.head is None or best_index([self.head, test_stats[shown]]) == 1:
+            lr, avgpool = configs[shown]
+            self.acc = test_stats[shown]["acc1"]
+            self.head = {"index": shown, "name": names[shown], "lr": lr, "avgpool": avgpool,
+                         "n_last_blocks": args.n_last_blocks, "arch": args.arch, "patch_size": args.patch_size,
+                         "epoch": epoch, "acc1": self.acc, "loss": test_stats[shown]["loss"]}
+            self.state_dict = backbones.official_state_dict(heads.heads[shown])
+        return shown
+
+
+def epoch_stats(epoch: int, epoch_time: float, train_stats: Dict[str, Dict], test_stats: Optional[List[Dict]],
+                names: Sequence[str], shown: int, num_val: int) -> Dict:
+    """log.txt's record: the official keys first (train and test stats of the head `shown`), then every
+    head's when there are several."""
+    stats = {**{f"train_{k}": v for k, v in train_stats[names[shown]].items()}, "epoch": epoch,
+             "train_epoch_time": epoch_time}
+    if test_stats is not None:
+        stats.update({f"test_{k}": v for k, v in test_stats[shown].items()})
+        stats["test_num_images"] = num_val
+        if len(names) > 1:
+            stats["test_best_head"] = names[shown]
+            for name, s in zip(names, test_stats):
+                stats.update({f"test_{k}_{name}": v for k, v in s.items()})
+    if len(names) > 1:
+        for name in names:
+            stats.update({f"train_{k}_{name}": v for k, v in train_stats[name].items()})
+    return stats
+
+
+def print_val(test_stats: List[Dict[str, float]], names: Sequence[str], shown: int, epoch: int, num_val: int,
+              best: BestHead) -> None:
+    for name, s in zip(names, test_stats):
+        print(f"* {name}: Acc@1 {s['acc1']:.3f}" + (f" Acc@5 {s['acc5']:.3f}" if "acc5" in s else "")
+              + f" loss {s['loss']:.3f}")
+    print(f"Accuracy at epoch {epoch} of the network on the {num_val} test images: "
+          f"{test_stats[shown]['acc1']:.1f}%" + (f" (best head {names[shown]})" if len(names) > 1 else ""))
+    print(f'Max accuracy so far: {best.acc:.2f}%' + (f" ({best.head['name']}, epoch {best.head['epoch']})"
+                                                     if len(names) > 1 else ""))
+
+
+def resume_check(run_config: Dict, path: str) -> Callable[[dict], None]:
+    """Refuse a checkpoint.pth.tar of another script or of another set of heads, before anything is loaded."""
+    def check(checkpoint: dict) -> None:
+        saved = checkpoint.get("run_config")
+        if saved is None:
+            raise utils.UserError(f"{path} was not written by this eval_linear.py (no run_config): choose another "
+                                  "--output_dir, or evaluate it with --evaluate --pretrained_linear")
+        if saved != run_config:
+            raise utils.UserError(f"{path} belongs to another run ({saved}; this run: {run_config}): use the same "
+                                  "--lrs/--lr, --avgpool_patchtokens, --arch and --n_last_blocks, or another "
+                                  "--output_dir")
+    return check
+
+
+def continue_schedule(scheduler, optimizer: torch.optim.Optimizer, start_epoch: int, epochs: int) -> None:
+    """Resumed with another --epochs than the run that wrote the checkpoint: the cosine now ends at the new
+    --epochs, continuing from its value at start_epoch (CosineAnnealingLR updates recursively from the group lr)."""
+    if scheduler.T_max == epochs:
+        return
+    print(f"The cosine schedule ended at epoch {scheduler.T_max}; it now ends at --epochs {epochs}.")
+    scheduler.T_max = epochs
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * (1 + math.cos(math.pi * start_epoch / epochs)) / 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,325 +495,104 @@ def load_linear_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Di
 # ----------------------------------------------------------------------------------------------------
 def eval_linear(args: argparse.Namespace) -> Dict:
     check_args(args)
-    utils.init_distributed_mode(args)
+    runtime.setup_run(args, writes_output=not args.evaluate)
     utils.fix_random_seeds(args.seed)  # the same on every rank: a random backbone (no weights) is the same
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
-    cudnn.benchmark = True
-    device, rank, world_size = args.device, utils.get_rank(), utils.get_world_size()
-    if utils.is_main_process() and not args.evaluate:
-        utils.check_output_dir(args.output_dir)
-
-    # ============ building network ... ============
-    model = eval_knn.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
-                                      device)
-    vit = is_vit(args.arch)
-    if vit and args.n_last_blocks > len(model.blocks):
-        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} is larger than the depth of {args.arch} "
-                              f"({len(model.blocks)} blocks): use at most {len(model.blocks)}")
-    avgpools = [False, True] if args.avgpool_patchtokens == "both" else [args.avgpool_patchtokens]
-    if not vit and avgpools != [False]:
-        print(f"Note: --avgpool_patchtokens applies to ViTs only; {args.arch} gives model(images) to the heads.")
-        avgpools = [False]
-    # the backbone only runs forward, frozen: no gradient scaler even for fp16
-    autocast, _, precision = utils.precision_setup(device, args.use_fp16, args.amp_dtype)
-    print(f"Backbone precision: {precision}.")
-
-    def make_feature_fn(avgpool: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-        def feature_fn(images: torch.Tensor) -> torch.Tensor:
-            with autocast():
-                return backbone_features(model, images, args.n_last_blocks, avgpool, vit).float()
-        return feature_fn
-
-    # ============ preparing data ... ============
-    dataset_train, dataset_val = eval_knn.split_datasets(args.data_path, args.resize_size, args.crop_size)
+    backbone = FrozenBackbone(args)
+    dataset_train, dataset_val = data.labeled_splits(args.data_path, args.resize_size, args.crop_size)
     num_classes = len(dataset_val.classes)
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs ({num_classes} classes).")
-    pin_memory = device.type == "cuda"
-    named: Set[str] = set()  # unreadable images already named
-
-    def extract(dataset: data.EvalDataset, split: str, avgpool: bool, on_device: bool):
-        """Features of `dataset` in dataset order on every rank, and its readable mask; timed."""
-        start = time.time()
-        loader = data.build_eval_loader(dataset, args.batch_size_per_gpu, args.num_workers, rank, world_size,
-                                        pin_memory=pin_memory)
-        features, errors = eval_knn.extract_features(model, loader, device, use_cuda=on_device,
-                                                     header=f"Features ({split})", print_freq=args.print_freq,
-                                                     forward=make_feature_fn(avgpool))
-        name_unreadable(errors, split, named)
-        print(f"{split} features of {len(dataset)} images extracted in {time.time() - start:.1f} s "
-              f"({features.shape[1]} dims).")
-        return features, eval_knn.readable_mask(dataset, errors)
-
-    val_labels = torch.tensor(dataset_val.targets, dtype=torch.long)
     if args.evaluate:
-        # ============ evaluating given linear weights ... ============
-        path = args.pretrained_linear or os.path.join(args.output_dir, "checkpoint.pth.tar")
-        if not args.pretrained_linear and not os.path.isfile(path):
-            raise utils.UserError(f"--evaluate needs linear weights: give --pretrained_linear PATH, or an "
-                                  f"--output_dir holding checkpoint.pth.tar (none in {args.output_dir})")
-        state_dict, meta = load_linear_weights(path)
-        avgpool, n_last_blocks = args.avgpool_patchtokens, args.n_last_blocks
-        if meta:  # our checkpoint says which feature its best head was trained on
-            avgpool, n_last_blocks = bool(meta["avgpool"]), int(meta["n_last_blocks"])
-            print(f"Linear head of {path}: trained with lr {meta['lr']:g}, avgpool_patchtokens {avgpool}, "
-                  f"n_last_blocks {n_last_blocks} on {meta['arch']} (epoch {meta['epoch']}, val top-1 "
-                  f"{meta['acc1']:.2f}%)")
-            if vit and n_last_blocks > len(model.blocks):
-                raise utils.UserError(f"{path} was trained on the last {n_last_blocks} blocks; {args.arch} has "
-                                      f"{len(model.blocks)}: use the --arch of the run that wrote it")
-        elif avgpool == "both":
-            raise utils.UserError(f"{path} does not say whether it takes avgpooled features: give "
-                                  "--avgpool_patchtokens true or false")
-        args.n_last_blocks = n_last_blocks
-        val_features, val_readable = extract(dataset_val, "val", avgpool and vit, on_device=True)
-        num_labels, weight_dim = state_dict["linear.weight"].shape
-        feature_dim = model.embed_dim if vit else val_features.shape[1]
-        heads = LinearHeads([avgpool and vit], num_labels, feature_dim, n_last_blocks, vit).to(device)
-        if weight_dim != heads.input_dim(avgpool and vit):
-            raise utils.UserError(f"the linear weights of {path} take {weight_dim}-dim features but {args.arch} with "
-                                  f"--n_last_blocks {n_last_blocks} --avgpool_patchtokens {avgpool} gives "
-                                  f"{heads.input_dim(avgpool and vit)}: use the flags it was trained with")
-        if num_labels < num_classes:
-            raise utils.UserError(f"the linear weights of {path} have {num_labels} labels, fewer than the "
-                                  f"{num_classes} classes of {args.data_path}")
-        heads.heads[0].load_state_dict(state_dict)
-        test_stats = validate(heads, val_features, val_labels, val_readable)[0]
-        print(f"Accuracy of the network on the {int(val_readable.sum())} test images: {test_stats['acc1']:.1f}%")
-        return {"test": test_stats, "num_images": int(val_readable.sum())}
+        return evaluate_weights(args, backbone, dataset_val)
 
     # ============ building the linear heads ... ============
+    avgpools = [False, True] if args.avgpool_patchtokens == "both" else [args.avgpool_patchtokens]
+    if not backbone.vit and avgpools != [False]:
+        print(f"Note: --avgpool_patchtokens applies to ViTs only; {args.arch} gives model(images) to the heads.")
+        avgpools = [False]
     lrs = args.lrs if args.lrs is not None else [args.lr]
     configs = [(lr, avgpool) for lr in lrs for avgpool in avgpools]
     names = [head_name(lr, avgpool) for lr, avgpool in configs]
     if args.num_labels != num_classes:
-        # Outputs that are no class of the dataset can never be a target (too few cannot hold the labels):
-        # the head is sized by the data.
+        # Outputs that are no class of the dataset can never be a target: the head is sized by the data.
         print(f"Note: --num_labels {args.num_labels} but {args.data_path} has {num_classes} classes: the linear "
               f"classifier gets {num_classes} outputs.")
-    num_labels = num_classes
-    val_features, val_readable = extract(dataset_val, "val", any(avgpools), on_device=True)
+    val_features, val_readable = backbone.extract(dataset_val, "val", any(avgpools), on_device=True)
+    val_labels = torch.tensor(dataset_val.targets, dtype=torch.long)
     torch.manual_seed(args.seed)  # the heads' initialisation does not depend on what ran before
-    heads_without_ddp = LinearHeads([a for _, a in configs], num_labels,
-                                    model.embed_dim if vit else val_features.shape[1], args.n_last_blocks, vit)
-    heads_without_ddp = heads_without_ddp.to(device)
+    heads_without_ddp = backbones.LinearHeads([a for _, a in configs], num_classes, backbone.width(val_features),
+                                    args.n_last_blocks, backbone.vit).to(args.device)
     heads = heads_without_ddp
-    if world_size > 1:
-        heads = nn.parallel.DistributedDataParallel(heads, device_ids=[args.gpu] if device.type == "cuda" else None)
-    utils.fix_random_seeds(args.seed + rank)  # any randomness but the (per-sample seeded) augmentations
+    if args.world_size > 1:
+        heads = nn.parallel.DistributedDataParallel(heads,
+                                                    device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    utils.fix_random_seeds(args.seed + args.rank)  # any randomness but the (per-sample seeded) augmentations
     print(f"{len(configs)} linear head(s) on {args.arch} features: " + ", ".join(
         f"lr {lr:g} avgpool {a} ({heads_without_ddp.input_dim(a)} dims)" for lr, a in configs))
-
-    # set optimizer: one param group per head, each with its own lr and the official linear scaling rule
-    scale = args.batch_size_per_gpu * world_size / 256.
-    optimizer = torch.optim.SGD(
-        [{"params": head.parameters(), "lr": lr * scale} for head, (lr, _) in zip(heads_without_ddp.heads, configs)],
-        lr=lrs[0] * scale,
-        momentum=0.9,
-        weight_decay=0,  # we do not apply weight decay
-    )
+    # one param group per head, each with its own lr and the official linear scaling rule; no weight decay
+    scale = args.batch_size_per_gpu * args.world_size / 256.
+    optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr * scale}
+                                 for head, (lr, _) in zip(heads_without_ddp.heads, configs)],
+                                lr=lrs[0] * scale, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-
-    # ============ train features: cached once, or computed every batch ... ============
-    train_sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
-                                                        shuffle=True, seed=args.seed)
-    num_batches = math.ceil(train_sampler.num_samples / args.batch_size_per_gpu)
     train_errors: List[str] = []
-    if args.cache_features:
-        print("--cache_features: the train images get the val transform (no augmentation); their features are "
-              "extracted once.")
-        train_features, train_readable = extract(dataset_train, "train", any(avgpools), on_device=False)
-        train_labels = torch.tensor(dataset_train.targets, dtype=torch.long)
-        to_features = None
-    else:
-        if args.train_augmentation:
-            # seeded per sample from (seed, epoch, index): the same augmentations whatever the workers, and
-            # after a mid-epoch resume
-            dataset_train = data.EvalDataset(dataset_train.base, train_transform(args.crop_size), seed=args.seed)
-        else:
-            print("--train_augmentation false: the train images get the val transform.")
-        # an EpochSampler, whose set_epoch(epoch, start) skips the batches of an interrupted epoch unread
-        train_loader = data.build_eval_loader(dataset_train, args.batch_size_per_gpu, args.num_workers, rank,
-                                              world_size, shuffle=True, seed=args.seed, pin_memory=pin_memory,
-                                              epoch_sampler=True)
-        train_sampler = train_loader.sampler
-        to_features = make_feature_fn(any(avgpools))
+    batches, num_batches, to_features = train_batches(args, backbone, dataset_train, any(avgpools), train_errors)
 
-    # Optionally resume from a checkpoint
+    # ============ resume, then train ... ============
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
     run_config = {"heads": [{"lr": lr, "avgpool": a} for lr, a in configs], "arch": args.arch,
-                  "n_last_blocks": args.n_last_blocks, "num_labels": num_labels}
-    if os.path.isfile(checkpoint_path):
-        saved = utils.load_checkpoint(checkpoint_path)
-        saved_config = saved.get("run_config") if isinstance(saved, dict) else None
-        if saved_config is None:
-            raise utils.UserError(f"{checkpoint_path} was not written by this eval_linear.py (no run_config): "
-                                  "choose another --output_dir, or evaluate it with --evaluate --pretrained_linear")
-        if saved_config != run_config:
-            raise utils.UserError(f"{checkpoint_path} belongs to another run ({saved_config}; this run: {run_config}): "
-                                  "use the same --lrs/--lr, --avgpool_patchtokens, --arch and --n_last_blocks, or "
-                                  "another --output_dir")
-        saved_position = saved.get("position")
-        # a position inside an epoch counts each rank's batches: it means the same samples only with the same
-        # shares and batches
-        if saved_position is not None and (len(saved_position["ranks"]), saved_position["batch_size_per_gpu"]) != (
-                world_size, args.batch_size_per_gpu):
-            raise utils.UserError(
-                f"{checkpoint_path} was written in the middle of epoch {saved_position['epoch']} by "
-                f"{len(saved_position['ranks'])} processes with --batch_size_per_gpu "
-                f"{saved_position['batch_size_per_gpu']}; resume it with the same (this run: {world_size} processes, "
-                f"--batch_size_per_gpu {args.batch_size_per_gpu})")
-        del saved
-    to_restore = {"epoch": 0, "best_acc": 0., "best_head": None, "state_dict": None, "log_history": [],
-                  "position": None, "tracking": None}
-    if utils.is_main_process():
-        utils.remove_stale_temporaries(args.output_dir)
-    checkpoint = utils.restart_from_checkpoint(
-        checkpoint_path,
-        run_variables=to_restore,
-        heads=heads_without_ddp,
-        optimizer=optimizer,
-        scheduler=scheduler,
-    )
-    start_epoch, best_acc = to_restore["epoch"], to_restore["best_acc"]
-    best_head, best_state_dict = to_restore["best_head"], to_restore["state_dict"]
-    log_history = list(to_restore["log_history"])
-    position = to_restore["position"]  # set when the checkpoint was written inside epoch start_epoch
-    first = start_epoch * num_batches + (position["batches"] if position else 0)  # iteration resumed at
-    tracker = tracking.Tracker(args, start_iteration=first, iters_per_epoch=num_batches,
-                               images_per_batch=args.batch_size_per_gpu * world_size, state=to_restore["tracking"])
-    log_path = os.path.join(args.output_dir, "log.txt")
-    if checkpoint is not None:
-        print(f"Resuming at epoch {start_epoch} (best top-1 so far {best_acc:.2f}%).")
-        if scheduler.T_max != args.epochs:
-            # Another --epochs than the run that wrote the checkpoint: the cosine now ends at the new --epochs,
-            # continuing from its value at start_epoch (CosineAnnealingLR updates recursively from the group lr).
-            print(f"The cosine schedule ended at epoch {scheduler.T_max}; it now ends at --epochs {args.epochs}.")
-            scheduler.T_max = args.epochs
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base_lr * (1 + math.cos(math.pi * start_epoch / args.epochs)) / 2
-        utils.sync_log_with_checkpoint(log_path, log_history)
-        del checkpoint
-    else:
-        utils.sync_log_with_checkpoint(log_path, None)
+                  "n_last_blocks": args.n_last_blocks, "num_labels": num_classes}
+    best = BestHead()
 
-    def save_checkpoint(epoch_field: int, rank_position: Optional[Dict] = None) -> None:
-        """checkpoint.pth.tar after `epoch_field` epochs, or, with this rank's `rank_position`, inside epoch
-        `epoch_field` with every rank's position in it (gathered: every rank calls this at the same step)."""
-        save_dict = {
-            "epoch": epoch_field,
-            "state_dict": best_state_dict,  # the best head (and epoch) in the official format
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "best_acc": best_acc,
-            "best_head": best_head,
-            "heads": heads_without_ddp.state_dict(),  # every head, as trained so far, to resume
-            "run_config": run_config,
-            "log_history": log_history,
-            "tracking": tracker.state_dict(),
-        }
-        if rank_position is not None:
-            ranks = [rank_position]
-            if world_size > 1:
-                ranks = [None] * world_size
-                dist.all_gather_object(ranks, rank_position)
-            check_finite_state(heads_without_ddp, names, ranks, epoch_field, rank_position["batches"],
+    def contents(epochs_done: int, ranks: Optional[List[Dict]]) -> Dict:
+        if ranks is not None:  # inside an epoch: never checkpoint a state where every head diverged
+            check_finite_state(heads_without_ddp, names, ranks, epochs_done, ranks[args.rank]["batches"],
                                checkpoint_path)
-            save_dict["position"] = {"epoch": epoch_field, "batches": rank_position["batches"],
-                                     "batch_size_per_gpu": args.batch_size_per_gpu, "ranks": ranks}
-        utils.save_on_master(save_dict, checkpoint_path)
+        return {"state_dict": best.state_dict,  # the best head (and epoch) in the official format
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best_acc": best.acc,
+                "best_head": best.head, "heads": heads_without_ddp.state_dict(), "run_config": run_config}
 
-    stop = engine.StopSignals(world_size)
+    run = engine.Run(args, checkpoint_path, iters_per_epoch=num_batches, contents=contents)
+    restored = run.resume(check=resume_check(run_config, checkpoint_path), heads=heads_without_ddp,
+                          optimizer=optimizer, scheduler=scheduler,
+                          run_variables={"best_acc": 0., "best_head": None, "state_dict": None})
+    best = BestHead(restored["best_acc"], restored["best_head"], restored["state_dict"])
+    if run.start_epoch or run.position:
+        print(f"Resuming at epoch {run.start_epoch} (best top-1 so far {best.acc:.2f}%).")
+        continue_schedule(scheduler, optimizer, run.start_epoch, args.epochs)
 
     def between_steps(it: int, position_fn: Callable[[], Dict]) -> None:
-        """After each optimizer step of `epoch` (but its last): on a signal (agreed by all ranks, so that they
-        stop at the same step) or every --saveckp_every_iters iterations, checkpoint the exact position."""
-        signum = stop.agreed()
-        every = args.saveckp_every_iters
-        if signum or (every and (epoch * num_batches + it + 1) % every == 0):
-            save_checkpoint(epoch, {**position_fn(), "rng": utils.get_rng_state(), "errors": list(train_errors),
-                                    "elapsed": time.time() - epoch_start})
-            if signum:
-                raise stop.interrupted(signum, f"at epoch {epoch}, iteration {it + 1}/{num_batches}", checkpoint_path)
+        """run.between_steps, with what a position of this loop also holds: the unreadable images and time so far."""
+        run.between_steps(it, lambda: {**position_fn(), "errors": list(train_errors),
+                                       "elapsed": time.time() - epoch_start})
 
-    start_time = time.time()
-    with tracker, stop:
-        for epoch in range(start_epoch, args.epochs):
-            rank_position = position["ranks"][rank] if position and position["epoch"] == epoch else None
-            skip = rank_position["batches"] * args.batch_size_per_gpu if rank_position else 0  # samples consumed
-            epoch_start = time.time() - (rank_position["elapsed"] if rank_position else 0)
-            if args.cache_features:
-                train_sampler.set_epoch(epoch)
-                batches = cached_batches(train_features, train_labels, train_readable, list(train_sampler)[skip:],
-                                         args.batch_size_per_gpu)
-            else:
-                train_sampler.set_epoch(epoch, skip)  # the consumed batches are not read again
-                batches = loader_batches(train_loader, train_errors)
-            if rank_position:
-                # nothing in the loop draws from the global RNG today (the data has its own); restored so that
-                # whatever does stays exact
-                utils.set_rng_state(rank_position["rng"])
-                train_errors[:] = rank_position["errors"]  # unreadable images of the consumed batches
-            train_stats = train_one_epoch(heads, optimizer, batches, num_batches, names, device, epoch,
-                                          args.print_freq, to_features, rank_position, between_steps, tracker)
-            position = None
+    with run:
+        for epoch in range(run.start_epoch, args.epochs):
+            position = run.rank_position(epoch)
+            epoch_start = time.time() - (position["elapsed"] if position else 0)
+            train_errors[:] = position["errors"] if position else []  # unreadable images of consumed batches
+            skip = position["batches"] * args.batch_size_per_gpu if position else 0  # samples consumed
+            train_stats = train_heads(heads, optimizer, batches(epoch, skip), num_batches, names, args.device, epoch,
+                                      args.print_freq, to_features, position, between_steps, run.tracker)
             scheduler.step()
             epoch_time = time.time() - epoch_start
             print(f"Epoch {epoch} trained in {epoch_time:.2f} s")
             if not args.cache_features:
-                name_unreadable(all_ranks_errors(train_errors), "train", named)
-                train_errors.clear()
-
-            shown = best_head["index"] if best_head else 0  # the head whose stats carry the official keys
-            log_stats: Dict = {}
+                name_unreadable(all_ranks_errors(train_errors), "train", backbone.named)
+            test_stats, shown = None, best.head["index"] if best.head else 0
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
                 test_stats = validate(heads_without_ddp, val_features, val_labels, val_readable)
-                shown = best_index(test_stats)
-                for name, s in zip(names, test_stats):
-                    print(f"* {name}: Acc@1 {s['acc1']:.3f}" + (f" Acc@5 {s['acc5']:.3f}" if "acc5" in s else "")
-                          + f" loss {s['loss']:.3f}")
-                print(f"Accuracy at epoch {epoch} of the network on the {int(val_readable.sum())} test images: "
-                      f"{test_stats[shown]['acc1']:.1f}%" + (f" (best head {names[shown]})" if len(names) > 1 else ""))
-                if best_head is None or best_index([best_head, test_stats[shown]]) == 1:
-                    lr, avgpool = configs[shown]
-                    best_acc = test_stats[shown]["acc1"]
-                    best_head = {"index": shown, "name": names[shown], "lr": lr, "avgpool": avgpool,
-                                 "n_last_blocks": args.n_last_blocks, "arch": args.arch, "patch_size": args.patch_size,
-                                 "epoch": epoch, "acc1": best_acc, "loss": test_stats[shown]["loss"]}
-                    best_state_dict = official_state_dict(heads_without_ddp.heads[shown])
-                print(f'Max accuracy so far: {best_acc:.2f}%' + (f" ({best_head['name']}, epoch {best_head['epoch']})"
-                                                                 if len(names) > 1 else ""))
-                log_stats.update({f"test_{k}": v for k, v in test_stats[shown].items()})
-                log_stats["test_num_images"] = int(val_readable.sum())
-                if len(names) > 1:
-                    log_stats["test_best_head"] = names[shown]
-                    for name, s in zip(names, test_stats):
-                        log_stats.update({f"test_{k}_{name}": v for k, v in s.items()})
-            # official keys first: the train stats of the head shown (this epoch's best, else the best so far)
-            log_stats = {**{f"train_{k}": v for k, v in train_stats[names[shown]].items()},
-                         'epoch': epoch, "train_epoch_time": epoch_time, **log_stats}
-            if len(names) > 1:
-                for name in names:
-                    log_stats.update({f"train_{k}_{name}": v for k, v in train_stats[name].items()})
-            log_history.append(log_stats)
-            save_checkpoint(epoch + 1)
-            if utils.is_main_process():
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(log_stats) + "\n")
-            tracker.log_epoch((epoch + 1) * num_batches - 1, log_stats)
-            signum = stop.agreed()
-            if signum and epoch + 1 < args.epochs:
-                raise stop.interrupted(signum, f"after epoch {epoch}", checkpoint_path)
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+                shown = best.update(test_stats, heads_without_ddp, configs, names, epoch, args)
+                print_val(test_stats, names, best_index(test_stats), epoch, int(val_readable.sum()), best)
+            run.end_epoch(epoch, epoch_stats(epoch, epoch_time, train_stats, test_stats, names, shown,
+                                             int(val_readable.sum())))
     print("Training of the supervised linear classifier on frozen features completed.\n"
-          "Top-1 test accuracy: {acc:.1f}".format(acc=best_acc))
-    if best_head and len(names) > 1:
-        print(f"Best head: lr {best_head['lr']:g}, avgpool_patchtokens {best_head['avgpool']} "
-              f"(epoch {best_head['epoch']}); kept as 'state_dict' in {checkpoint_path}")
+          "Top-1 test accuracy: {acc:.1f}".format(acc=best.acc))
+    if best.head and len(names) > 1:
+        print(f"Best head: lr {best.head['lr']:g}, avgpool_patchtokens {best.head['avgpool']} "
+              f"(epoch {best.head['epoch']}); kept as 'state_dict' in {checkpoint_path}")
     if utils.is_dist_avail_and_initialized():
         dist.barrier()
-    return {"best_acc": best_acc, "best_head": best_head, "log": log_history}
+    return {"best_acc": best.acc, "best_head": best.head, "log": run.log_history}
 
 
 if __name__ == '__main__':

@@ -39,27 +39,43 @@ def _import_local(name: str, public: bool) -> types.ModuleType:
     when it is the one imported (our scripts and tests). Otherwise a `public` module is imported under
     its own name when that is free, so that the models' classes pickle as the official ones
     (`vision_transformer.VisionTransformer`); in every other case our file is loaded under a private
-    name, so that we neither pick up the caller's module nor shadow it (`utils` is only used here).
+    name, so that we neither pick up the caller's module nor shadow it. While it runs, its own imports of
+    the modules loaded before it (`import utils` in checkpointing.py) are pointed at ours.
     """
     path = os.path.join(_HERE, name + ".py")
     loaded = sys.modules.get(name)
     if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == path:
+        _ours[name] = loaded
         return loaded
     module_name = name if public and loaded is None else f"_dino_hub_{name}"
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module  # registered, so that its classes pickle
+        visible = {dep: sys.modules.get(dep) for dep in _LOCAL if dep != name}
         try:
+            sys.modules.update({dep: mod for dep, mod in _ours.items() if dep != name})
             spec.loader.exec_module(module)
         except BaseException:
             del sys.modules[module_name]  # as importlib does: no half-initialised module left behind
             raise
+        finally:
+            for dep, mod in visible.items():
+                if mod is None:
+                    sys.modules.pop(dep, None)
+                else:
+                    sys.modules[dep] = mod
+    _ours[name] = sys.modules[module_name]
     return sys.modules[module_name]
 
 
-vits = _import_local("vision_transformer", public=True)
+# Ours, loaded in this order (each imports only those before it): name -> the module loaded for it.
+_LOCAL = ("utils", "checkpointing", "vision_transformer", "backbones")
+_ours: dict[str, types.ModuleType] = {}
 utils = _import_local("utils", public=False)
+checkpointing = _import_local("checkpointing", public=False)
+vits = _import_local("vision_transformer", public=True)
+backbones = _import_local("backbones", public=False)
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dino/"
 # Official backbone-only weights, and the linear classifiers trained on them by eval_linear.py.
@@ -104,19 +120,10 @@ def _require_weights(name: str, pretrained: bool, **given: tuple[str | None, str
             f"torch.hub.load(..., '{name}', {explicit}); or pretrained=False for random weights")
 
 
-def _local_file(path_or_url: str) -> str:
-    return utils.local_weights_path(path_or_url)
-
-
-def _strip_module(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the DistributedDataParallel `module.` prefix."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-
-
 def _load_backbone(model: nn.Module, weights: str | None, checkpoint_key: str, arch: str,
                    patch_size: int | None = None) -> None:
     if weights:
-        utils.load_pretrained_weights(model, _local_file(weights), checkpoint_key, arch, patch_size)
+        checkpointing.load_pretrained_weights(model, checkpointing.local_weights_path(weights), checkpoint_key, arch, patch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,8 +186,9 @@ def dino_head(pretrained: bool = True, weights: str | None = None, checkpoint_ke
     head = vits.DINOHead(in_dim, out_dim, **kwargs)
     if not weights:
         return head
-    path = _local_file(weights)
-    state_dict = _strip_module(utils.select_state_dict(utils.load_checkpoint(path), checkpoint_key, path))
+    path = checkpointing.local_weights_path(weights)
+    state_dict = checkpointing.select_state_dict(checkpointing.load_checkpoint(path), checkpoint_key, path)
+    state_dict = checkpointing.strip_prefix(state_dict, "module.")
     head_state = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
     if not head_state:
         raise utils.UserError(f"{path} holds no projection head (no head.* weights under '{checkpoint_key}'): "
@@ -200,7 +208,7 @@ def dino_head(pretrained: bool = True, weights: str | None = None, checkpoint_ke
 # Linear classifiers
 # ----------------------------------------------------------------------------------------------------
 # Underscored like the helpers: torch.hub treats every public callable of this file as an entry point.
-class _DINOLinearClassifier(nn.Module):
+class _DINOLinearClassifier(backbones.LinearClassifier):
     """A backbone and, on its features, the linear layer of the official eval_linear.py: logits.
 
     ViT features (official `eval_linear.py` forward): the CLS tokens of the last `n_last_blocks` blocks,
@@ -212,46 +220,26 @@ class _DINOLinearClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_labels: int = 1000, n_last_blocks: int = 1,
                  avgpool_patchtokens: bool = False):
-        super().__init__()
-        self.is_vit = hasattr(backbone, "get_intermediate_layers")
+        is_vit = hasattr(backbone, "get_intermediate_layers")
         if avgpool_patchtokens and n_last_blocks != 1:
             raise utils.UserError("avgpool_patchtokens=True works with n_last_blocks=1 only (as in eval_linear.py)")
-        self.backbone = backbone
-        self.n_last_blocks = n_last_blocks
-        self.avgpool_patchtokens = avgpool_patchtokens
-        self.num_labels = num_labels
-        if self.is_vit:
-            feature_dim = feature_dim * (n_last_blocks + int(avgpool_patchtokens))
-        self.linear = nn.Linear(feature_dim, num_labels)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)  # official LinearClassifier initialisation
-        self.linear.bias.data.zero_()
+        super().__init__(feature_dim * (n_last_blocks + int(avgpool_patchtokens)) if is_vit else feature_dim,
+                         num_labels)
+        self.backbone, self.is_vit = backbone, is_vit
+        self.n_last_blocks, self.avgpool_patchtokens = n_last_blocks, avgpool_patchtokens
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_vit:
-            return self.backbone(x)
-        intermediate_output = self.backbone.get_intermediate_layers(x, self.n_last_blocks)
-        output = torch.cat([x[:, 0] for x in intermediate_output], dim=-1)
-        if self.avgpool_patchtokens:
-            output = torch.cat((output.unsqueeze(-1), torch.mean(intermediate_output[-1][:, 1:], dim=1).unsqueeze(-1)),
-                               dim=-1)
-            output = output.reshape(output.shape[0], -1)
-        return output
+        avgpool = self.avgpool_patchtokens and self.is_vit
+        output = backbones.linear_features(self.backbone, x, self.n_last_blocks, avgpool, self.is_vit)
+        return backbones.interleave_avgpool(output, self.n_last_blocks) if avgpool else output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.features(x)
-        return self.linear(output.view(output.size(0), -1))
+        return super().forward(self.features(x))
 
 
 def _read_linear_weights(linear_weights: str) -> dict[str, torch.Tensor]:
-    """`weight` and `bias` of an eval_linear.py checkpoint (`state_dict` holding `module.linear.*` or
-    `linear.*`), or of a bare state_dict with those keys."""
-    path = _local_file(linear_weights)
-    checkpoint = utils.load_checkpoint(path)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    state_dict = _strip_module(state_dict) if isinstance(state_dict, dict) else {}
-    if not {"linear.weight", "linear.bias"} <= state_dict.keys():
-        raise utils.UserError(f"{path} holds no linear classifier: expected an eval_linear.py checkpoint whose "
-                              "'state_dict' has linear.weight and linear.bias (optionally prefixed by module.)")
+    """`weight` and `bias` of an eval_linear.py checkpoint or an official *_linearweights.pth."""
+    state_dict, _ = backbones.load_linear_weights(checkpointing.local_weights_path(linear_weights))
     return {"weight": state_dict["linear.weight"], "bias": state_dict["linear.bias"]}
 
 

@@ -9,15 +9,20 @@ Reads top to bottom: flags, data, models, loss and optimizer, schedules, resume,
 Restarting the same command resumes from `output_dir/checkpoint.pth`.
 """
 import argparse
-import contextlib
 from types import SimpleNamespace
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+import augmentations
+import backbones
+import runtime
 import data
 import engine
+import eval_knn
+import health
+import masking
 import tracking
 import utils
 import vision_transformer as vits
@@ -55,6 +60,8 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         of the teacher temperature. For most experiments, anything above 0.07 is unstable.""")
     parser.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
                         help='Number of warmup epochs for the teacher temperature (Default: 0).')
+    parser.add_argument('--center_momentum', default=0.9, type=float, help="""EMA momentum of the teacher's
+        centre (DINOLoss center_momentum; the official 0.9). 1.0 keeps the centre at zero: no centring.""")
 
     # Training/Optimization parameters
     parser.add_argument('--use_fp16', type=utils.bool_flag, default=True, help="""Whether or not to use mixed
@@ -109,8 +116,9 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
     # Misc
     parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
                         help="""Training images: a folder with one sub-folder per class (ImageFolder), several
-        such folders separated by commas or as a glob (e.g. 'imagenet100/train.X*'), or 'synthetic' for the
-        generated shapes dataset (no download).""")
+        such folders separated by commas or as a glob (e.g. 'imagenet100/train.X*'), a packed file (*.npz, its
+        train split; see benchmarks/pack_cifar10.py), or 'synthetic' for the generated shapes dataset (no
+        download).""")
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
     parser.add_argument('--compile', type=utils.bool_flag, default=False, help="""torch.compile the student and
@@ -124,13 +132,20 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
         of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
-    engine.add_knn_args(parser)
+    parser.add_argument('--deterministic', type=utils.bool_flag, default=False, help="""Deterministic GPU kernels
+        (torch.use_deterministic_algorithms, no cudnn autotuning, no TF32; CUBLAS_WORKSPACE_CONFIG set), for
+        bitwise-equal reruns and resumes on the same GPU type and software; slower. Ops with no deterministic
+        CUDA kernel print a warning naming them. Without it, a resumed or repeated GPU run sees the same
+        samples in the same order with the same augmentations, masks and RNG streams, but is not bitwise equal
+        (autotuned kernels and atomic-add backward kernels round differently from run to run); on CPU it is.""")
+    eval_knn.add_online_knn_args(parser)
     parser.add_argument('--num_workers', default=None, type=int,
                         help='Number of data loading workers per process (default: min(10, CPUs per process)).')
     parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
         skipped and reported; the run stops when more than this fraction of the dataset is unreadable.""")
     parser.add_argument('--print_freq', default=10, type=int, help='Print progress every x iterations.')
     tracking.add_tracking_args(parser)
+    health.add_health_args(parser)
     utils.add_distributed_args(parser)
     return parser
 
@@ -151,6 +166,9 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
                  "saveckp_freq", "saveckp_every_iters", "skip_nonfinite", "lr", "min_lr", "clip_grad", "drop_path_rate"):
         require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
+    require(0 <= args.center_momentum <= 1, f"--center_momentum must be in [0, 1], got {args.center_momentum}")
+    require(not args.knn_eval_at_start or bool(args.knn_data_path),
+            "--knn_eval_at_start needs --knn_data_path (the labelled images of the online k-NN)")
     require(args.knn_eval_freq >= 1, f"--knn_eval_freq must be at least 1, got {args.knn_eval_freq}")
     require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")
     require(0 <= getattr(args, "momentum_teacher", 0) <= 1,
@@ -161,24 +179,26 @@ def check_args(args: argparse.Namespace) -> None:
         require(0 < getattr(args, name) <= 0.1, f"--{name} must be in (0, 0.1] (the student's temperature is "
                 f"0.1; DINO uses 0.04-0.07), got {getattr(args, name)}")
     tracking.check_args(args)
-    arch = utils.DEIT_ALIASES.get(args.arch, args.arch)
-    if arch in utils.VIT_ARCHS:
+    health.check_args(args)
+    if backbones.is_vit(args.arch):
         for name in ("global_crops_size", "local_crops_size"):
             require(getattr(args, name) % args.patch_size == 0,
                     f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
 
 
-def build_data(args: argparse.Namespace, mask_sampler: Optional[data.BlockMaskSampler] = None):
+def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMaskSampler] = None):
     """The multi-crop dataset and its loader (seeded per sample, sharded over processes). With `mask_sampler`
     a sample is `((crops, masks [2, N]), label, bad)`: iBOT masks of the two global crops."""
-    transform = data.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                          args.global_crops_size, args.local_crops_size)
+    transform = augmentations.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                                   args.local_crops_number, args.global_crops_size,
+                                                   args.local_crops_size)
     if mask_sampler is not None:
-        transform = data.MaskedCrops(transform, mask_sampler)
+        transform = masking.MaskedCrops(transform, mask_sampler)
     dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
     data_loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
                                     args.world_size, pin_memory=args.device.type == "cuda",
-                                    low_priority_workers=args.device.type == "cpu")
+                                    low_priority_workers=args.device.type == "cpu",
+                                    collate_fn=masking.collate_masked_crops if mask_sampler is not None else None)
     return dataset, data_loader
 
 
@@ -230,12 +250,15 @@ def speed_setup(args: argparse.Namespace, student_backbone: nn.Module, teacher_b
 def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
     """Student, teacher, loss, optimizer, precision and schedules, as the training loop uses them."""
     # ============ building student and teacher networks ... ============
-    student, embed_dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
-    teacher, _ = utils.build_backbone(args.arch, args.patch_size)
+    student, embed_dim = backbones.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
+    teacher, _ = backbones.build_backbone(args.arch, args.patch_size)
     student = utils.MultiCropWrapper(student, vits.DINOHead(
         embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
     teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
+    if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
+        backbones.check_input_sizes(student.backbone, {"--global_crops_size": args.global_crops_size,
+                                                       "--local_crops_size": args.local_crops_size}, args.arch)
     speed_setup(args, student.backbone, teacher.backbone)
 
     distributed = args.world_size > 1
@@ -267,10 +290,11 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
         args.teacher_temp,
         args.warmup_teacher_temp_epochs,
         args.epochs,
+        center_momentum=args.center_momentum,
     ).to(args.device)
 
     optimizer = build_optimizer(args, student)
-    autocast, fp16_scaler, precision = utils.precision_setup(args.device, args.use_fp16, args.amp_dtype)
+    autocast, fp16_scaler, precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
     print(f"Precision: {precision}.")
     lr_schedule, wd_schedule = build_schedules(args, niter_per_ep)
     # momentum parameter is increased to 1. during training with a cosine schedule
@@ -284,14 +308,15 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
 
 def train_dino(args: argparse.Namespace) -> None:
     check_args(args)
-    engine.setup_run(args)
+    runtime.setup_run(args)
 
     # ============ preparing data ... ============
     dataset, data_loader = build_data(args)
     niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args)
 
-    knn_datasets = engine.build_knn_data(args)
     run = build_training(args, niter_per_ep)
+    evaluate = eval_knn.online_knn_callback(args, run.teacher_without_ddp.backbone, run.autocast, "teacher")
+    evaluate = health.epoch_callback(args, run.teacher_without_ddp.backbone, run.autocast, evaluate)
     student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
     bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
     step, after_step = dino_step(student, teacher, run.teacher_without_ddp, dino_loss, run.momentum_schedule)
@@ -300,21 +325,28 @@ def train_dino(args: argparse.Namespace) -> None:
                lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule,
                state={"teacher": teacher, "dino_loss": dino_loss}, autocast=run.autocast,
                fp16_scaler=run.fp16_scaler, after_step=after_step, bad_images=bad_images,
-               knn_datasets=knn_datasets, knn_backbone=run.teacher_without_ddp.backbone, knn_who="teacher")
+               evaluate=evaluate, evaluate_at_start=args.knn_eval_at_start,
+               detector=health.build_detector(args, niter_per_ep))
 
 
 def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module, dino_loss: DINOLoss,
               momentum_schedule):
     """DINO's part of the shared loop: `step` (teacher on the 2 global crops, student on all, DINO loss) and
-    `after_step` (the teacher EMA)."""
+    `after_step` (the teacher EMA). The step's metrics carry the training-health signals (health.py) of the
+    teacher's distribution and backbone CLS features."""
     student_params = list(engine.unwrap(student).parameters())
     teacher_params = list(teacher_without_ddp.parameters())
+    teacher_features = health.InputCatcher(teacher_without_ddp.head)  # the teacher backbone's CLS features
 
     def step(images, epoch: int, it: int):
         with torch.no_grad():
             teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
         student_output = student(images)
-        return dino_loss(student_output, teacher_output, epoch), {"teacher_temp": dino_loss.teacher_temp(epoch)}
+        temp = dino_loss.teacher_temp(epoch)
+        teacher_logp = health.teacher_log_probs(teacher_output, dino_loss.center, temp)  # centre before its update
+        loss = dino_loss(student_output, teacher_output, epoch)
+        signals = health.dino_signals(teacher_logp, loss, teacher_features.pop())
+        return loss, {"teacher_temp": temp, **signals}
 
     def after_step(it: int):
         # EMA update for the teacher
@@ -325,15 +357,6 @@ def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Mo
         return {"teacher_momentum": m}
 
     return step, after_step
-
-
-def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
-                    wd_schedule, momentum_schedule, epoch, fp16_scaler, args, autocast=contextlib.nullcontext,
-                    bad_images: Optional[data.BadImageTracker] = None) -> Dict[str, float]:
-    """One epoch of DINO (the official signature); returns the epoch averages (loss, lr, wd, images/s, ...)."""
-    step, after_step = dino_step(student, teacher, teacher_without_ddp, dino_loss, momentum_schedule)
-    return engine.train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch, args,
-                                  fp16_scaler, autocast, bad_images, after_step)
 
 
 if __name__ == '__main__':

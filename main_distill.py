@@ -27,9 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
+import checkpointing
+import runtime
 import data
 import engine
+import eval_knn
+import health
 import main_dino
+import masking
 import utils
 import vision_transformer as vits
 from losses import CLSTokenLoss, DINOLoss, KoLeoLoss, gram_loss, iBOTPatchLoss, sinkhorn_knopp, spd_loss
@@ -79,8 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     main_dino.check_args(args)
-    if utils.DEIT_ALIASES.get(args.arch, args.arch) not in utils.VIT_ARCHS:
-        raise utils.UserError(f"--arch {args.arch}: the student must be one of our ViTs ({', '.join(utils.VIT_ARCHS)}), "
+    if not backbones.is_vit(args.arch):
+        raise utils.UserError(f"--arch {args.arch}: the student must be one of our ViTs ({', '.join(backbones.VIT_ARCHS)}), "
                               "which take the iBOT mask token")
     for name in ("dino", "ibot", "koleo", "cls", "spd", "gram"):
         if getattr(args, f"{name}_loss_weight") < 0:
@@ -120,13 +126,13 @@ def resample_patch_tokens(tokens: torch.Tensor, grid: Tuple[int, int], target: T
 def build_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module, nn.Module, int, str]:
     """(backbone, DINO head, iBOT head, width, weights hash) of the frozen teacher."""
     torch.manual_seed(0)  # a random teacher (--allow_random_teacher) is the same in every process
-    backbone, dim = utils.build_backbone(args.teacher_arch, args.teacher_patch_size)
+    backbone, dim = backbones.build_backbone(args.teacher_arch, args.teacher_patch_size)
     if not hasattr(backbone, "patch_embed") or not hasattr(backbone, "forward_features"):
         raise utils.UserError(f"--teacher_arch {args.teacher_arch}: the teacher must be a ViT (its patch tokens "
                               "are distilled)")
     if args.teacher_weights:
-        utils.load_pretrained_weights(backbone, args.teacher_weights, args.teacher_checkpoint_key,
-                                      args.teacher_arch, args.teacher_patch_size)
+        checkpointing.load_pretrained_weights(backbone, args.teacher_weights, args.teacher_checkpoint_key,
+                                              args.teacher_arch, args.teacher_patch_size)
     else:
         print("WARNING: --allow_random_teacher: the teacher is RANDOMLY INITIALISED (seed 0); use this for tests only")
     heads = []
@@ -137,11 +143,11 @@ def build_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module, nn.Mo
         # A fixed seed: the same random heads in every process and on every resume.
         torch.manual_seed(1 + len(heads))
         head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
-        if not (args.teacher_weights and utils.load_head_weights(head, args.teacher_weights,
-                                                                 args.teacher_checkpoint_key, prefix)):
+        if not (args.teacher_weights and checkpointing.load_head_weights(head, args.teacher_weights,
+                                                                         args.teacher_checkpoint_key, prefix)):
             print(f"Teacher {name} head: initialised from a fixed seed and frozen (no fitting head in the checkpoint)")
         heads.append(head)
-    weights_hash = utils.state_dict_hash(nn.ModuleList([backbone, *heads]))
+    weights_hash = checkpointing.state_dict_hash(nn.ModuleList([backbone, *heads]))
     teacher = nn.ModuleList([backbone, *heads]).to(args.device)
     teacher.eval().requires_grad_(False)
     return backbone, heads[0], heads[1], dim, weights_hash
@@ -160,58 +166,85 @@ class DistillStudent(nn.Module):
         super().__init__()
         self.backbone, self.head, self.ibot_head, self.cls_loss = backbone, head, ibot_head, cls_loss
 
-    def forward(self, crops, masks: torch.Tensor, teacher_cls: torch.Tensor):
+    def forward(self, crops, masks: torch.Tensor, teacher_cls: torch.Tensor,
+                mask_index: Optional[torch.Tensor] = None):
         """crops: [global1, global2, local1, ...] of [B, 3, H, W]; masks: [2B, N] of the global crops
-        (crop-major). Returns (DINO logits of all crops [(2+L)B, K], iBOT logits of the masked patches
-        [M, K], global CLS tokens [2B, D], global patch tokens [2B, N, D], patch grid, CLS-token loss)."""
+        (crop-major); mask_index: the flat indices of its True entries, if known (no host sync). Returns (DINO
+        logits of all crops [(2+L)B, K], iBOT logits of the masked patches [M, K], global CLS tokens [2B, D],
+        global patch tokens [2B, N, D], patch grid, CLS-token loss)."""
         g_cls, g_patch, grid = tokens_and_grid(self.backbone, torch.cat(crops[:2]), masks)
-        cls = [g_cls]
-        start = 2
-        while start < len(crops):  # one backbone pass per run of equal local-crop sizes
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            cls.append(self.backbone(torch.cat(crops[start:end])))
-            start = end
+        local = crops[2:]
+        cls = [g_cls] + [self.backbone(torch.cat(local[start:end])) for start, end in utils.resolution_runs(local)]
         dino_logits = self.head(torch.cat(cls))
-        ibot_logits = (self.ibot_head or self.head)(g_patch[masks])
+        ibot_logits = (self.ibot_head or self.head)(masked_rows(g_patch, masks, mask_index))
         return dino_logits, ibot_logits, g_cls, g_patch, grid, self.cls_loss(g_cls, teacher_cls)
+
+
+def masked_rows(tokens: torch.Tensor, masks: torch.Tensor, mask_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """`tokens[masks]` ([B, N, D] -> [M, D]). With the precomputed flat indices of the mask (the loader's
+    masking.collate_masked_crops), a gather whose size the host already knows: boolean indexing would copy M
+    to the host first, a GPU synchronisation every step."""
+    if mask_index is None:
+        return tokens[masks]
+    return tokens.flatten(0, 1).index_select(0, mask_index)
 
 
 def distill_step(student: nn.Module, teacher: Tuple[nn.Module, nn.Module, nn.Module], losses: dict,
                  args: argparse.Namespace):
-    """Distillation's part of the shared loop: teacher forward (no gradient), student forward, five losses."""
+    """Distillation's part of the shared loop: teacher forward (no gradient), student forward, five losses; the
+    metrics carry the training-health signals (health.py) of the DINO loss and the student's CLS features."""
     t_backbone, t_head, t_ibot_head = teacher
     w = {name: getattr(args, f"{name}_loss_weight") for name in ("dino", "ibot", "koleo", "cls", "spd", "gram")}
 
     def step(batch, epoch: int, it: int):
-        crops, masks = batch
+        crops, masks, *rest = batch  # [crops, masks, mask_index] from main_dino.build_data's loader
+        mask_index = rest[0] if rest else None
         masks = masks.transpose(0, 1).flatten(0, 1)  # [B, 2, N] -> [2B, N], crop-major like torch.cat(crops[:2])
         with torch.no_grad():
             t_cls, t_patch, t_grid = tokens_and_grid(t_backbone, torch.cat(crops[:2]))
-        dino_logits, ibot_logits, s_cls, s_patch, s_grid, cls_loss = student(crops, masks, t_cls)
+        dino_logits, ibot_logits, s_cls, s_patch, s_grid, cls_loss = student(crops, masks, t_cls, mask_index)
         with torch.no_grad():
             t_patch = resample_patch_tokens(t_patch, t_grid, s_grid)
             t_dino = t_head(t_cls)
-            t_ibot = t_ibot_head(t_patch[masks])
+            t_ibot = t_ibot_head(masked_rows(t_patch, masks, mask_index))
+        temp = losses["dino"].teacher_temp(epoch)
+        if args.centering == "sinkhorn_knopp":  # the teacher probabilities of the DINO loss, for the health signals
+            t_logp = torch.log(sinkhorn_knopp(t_dino, temp).clamp_min(1e-30))
+        else:
+            t_logp = health.teacher_log_probs(t_dino, losses["dino"].center, temp)  # centre before its update
         terms = {"dino_loss": losses["dino"](dino_logits, t_dino, epoch)}
         if args.centering == "sinkhorn_knopp":
             probs = sinkhorn_knopp(t_ibot, losses["ibot"].teacher_temp(epoch))
-            terms["ibot_loss"] = losses["ibot"](ibot_logits, None, masks, epoch, teacher_probs=probs)
+            terms["ibot_loss"] = losses["ibot"](ibot_logits, None, masks, epoch, teacher_probs=probs,
+                                                mask_index=mask_index)
         else:
-            terms["ibot_loss"] = losses["ibot"](ibot_logits, t_ibot, masks, epoch)
+            terms["ibot_loss"] = losses["ibot"](ibot_logits, t_ibot, masks, epoch, mask_index=mask_index)
         terms["koleo_loss"] = sum(losses["koleo"](c) for c in s_cls.chunk(2))
         terms["cls_loss"] = cls_loss
-        if w["spd"] > 0:  # eigendecompositions: only when used
+        if w["spd"] > 0:  # eigendecompositions: only when used (torch.linalg.eigh checks its convergence on the host:
+            # one synchronisation per step that no flag avoids)
             terms["spd_loss"] = spd_loss(s_patch, t_patch, args.spd_eps)
         if w["gram"] > 0:
             terms["gram_loss"] = gram_loss(s_patch, t_patch)
         total = sum(w[name[:-len("_loss")]] * value for name, value in terms.items())
         logged = {k: v.detach() for k, v in terms.items()}
-        logged["teacher_temp"] = losses["dino"].teacher_temp(epoch)
+        logged["teacher_temp"] = temp
+        logged.update(health.dino_signals(t_logp, terms["dino_loss"], s_cls))  # the student's features
         return total, logged
 
     return step
+
+
+def compile_forward_features(*models: nn.Module) -> None:
+    """--compile for distillation: the teacher and the student's global crops go through `forward_features`
+    (the teacher's patch tokens; the student's with masks), which `Module.compile` (main_dino.speed_setup)
+    does not reach, since it compiles what `module(x)` runs. The bound methods are compiled in place (one graph
+    per input shape), as instance attributes: the modules' state_dict keys do not change."""
+    for model in models:
+        if not getattr(model.forward_features, "_dino_compiled", False):
+            compiled = torch.compile(model.forward_features, dynamic=False)
+            compiled._dino_compiled = True
+            model.forward_features = compiled
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,25 +252,35 @@ def distill_step(student: nn.Module, teacher: Tuple[nn.Module, nn.Module, nn.Mod
 # ----------------------------------------------------------------------------------------------------
 def train_distill(args: argparse.Namespace) -> None:
     check_args(args)
-    mask_sampler = data.BlockMaskSampler(args.global_crops_size, args.patch_size, args.mask_patch_size,
-                                         mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
-    engine.setup_run(args)
+    try:
+        mask_sampler = masking.BlockMaskSampler(args.global_crops_size, args.patch_size, args.mask_patch_size,
+                                                mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
+    except ValueError as e:  # a flag out of range: the message names it
+        raise utils.UserError(str(e)) from None
+    runtime.setup_run(args)
 
     # ============ data ... ============
     dataset, data_loader = main_dino.build_data(args, mask_sampler)
     niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args)
-    knn_datasets = engine.build_knn_data(args)
 
     # ============ teacher and student ... ============
     t_backbone, t_head, t_ibot_head, t_dim, teacher_hash = build_teacher(args)
     utils.fix_random_seeds(args.seed + args.rank)  # the student's initialisation does not depend on the teacher's
-    backbone, dim = utils.build_backbone(args.arch, args.patch_size, args.drop_path_rate, masked_im_modeling=True)
+    backbone, dim = backbones.build_backbone(args.arch, args.patch_size, args.drop_path_rate, masked_im_modeling=True)
     head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
     ibot_head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head,
                               norm_last_layer=args.norm_last_layer) if args.ibot_separate_head else None
     student = DistillStudent(backbone, head, ibot_head, CLSTokenLoss(dim, t_dim)).to(args.device)
     main_dino.speed_setup(args, student.backbone, t_backbone)
+    if args.compile:
+        compile_forward_features(student.backbone, t_backbone)
     if args.world_size > 1:
+        if utils.has_batchnorms(student) and args.device.type == "cuda":
+            # BN heads (--use_bn_in_head) normalise over the global batch, as main_dino.py does. The frozen
+            # teacher's heads are in eval mode (running statistics), which SyncBatchNorm would not change.
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        elif utils.has_batchnorms(student):
+            print("Batch norms are not synchronised across CPU processes (SyncBatchNorm needs CUDA).")
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
     print(f"Teacher {args.teacher_arch} ({t_dim}) frozen; student {args.arch}/{args.patch_size} ({dim}).")
@@ -246,7 +289,8 @@ def train_distill(args: argparse.Namespace) -> None:
     ncrops = args.local_crops_number + 2
     loss_fns = {
         "dino": DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs, centering=args.centering),
+                         args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
+                         centering=args.centering),
         "ibot": iBOTPatchLoss(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
                               args.warmup_teacher_temp_epochs, args.epochs),
         "koleo": KoLeoLoss(),
@@ -254,9 +298,11 @@ def train_distill(args: argparse.Namespace) -> None:
     for fn in loss_fns.values():
         fn.to(args.device)
     optimizer = main_dino.build_optimizer(args, student)
-    autocast, fp16_scaler, precision = utils.precision_setup(args.device, args.use_fp16, args.amp_dtype)
+    autocast, fp16_scaler, precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
     print(f"Precision: {precision}.")
     lr_schedule, wd_schedule = main_dino.build_schedules(args, niter_per_ep)
+    evaluate = eval_knn.online_knn_callback(args, engine.unwrap(student).backbone, autocast, "student")
+    evaluate = health.epoch_callback(args, engine.unwrap(student).backbone, autocast, evaluate)
 
     def check_checkpoint(checkpoint: dict) -> None:
         saved = checkpoint.get("teacher_hash") if isinstance(checkpoint, dict) else None
@@ -272,7 +318,8 @@ def train_distill(args: argparse.Namespace) -> None:
                wd_schedule=wd_schedule, state={"dino_loss": loss_fns["dino"], "ibot_loss": loss_fns["ibot"]},
                autocast=autocast, fp16_scaler=fp16_scaler,
                bad_images=data.BadImageTracker(len(dataset), args.max_bad_images_fraction),
-               knn_datasets=knn_datasets, knn_backbone=engine.unwrap(student).backbone, knn_who="student",
+               evaluate=evaluate, evaluate_at_start=args.knn_eval_at_start,
+               detector=health.build_detector(args, niter_per_ep),
                extra_checkpoint={"teacher_weights": args.teacher_weights, "teacher_arch": args.teacher_arch,
                                  "teacher_hash": teacher_hash},
                check_checkpoint=check_checkpoint)

@@ -10,11 +10,13 @@ import argparse
 import os
 from typing import Any, Dict, List, Sequence
 
+import tracking
 import utils
 
-TABLE_KEYS = ("epoch", "train_loss", "knn_top1", "knn_top5", "test_acc1", "train_epoch_time")
-# What a comparison shows by default (those the runs have): the loss, the accuracy, the learning rate.
-COMPARE_KEYS = ("train_loss", "knn_top1", "test_acc1", "train_lr")
+TABLE_KEYS = ("epoch", "train_loss", "knn_top1", "knn_top5", "test_acc1", "rankme", "train_epoch_time")
+# What a comparison shows by default (those the runs have): the loss, the accuracy, the training-health signals
+# (teacher entropy, KL, prototypes in use, feature spread, RankMe), the learning rate.
+COMPARE_KEYS = ("train_loss", "knn_top1", "test_acc1") + tracking.HEALTH_KEYS + ("train_lr",)
 
 
 def final_metrics(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -44,12 +46,12 @@ def main(args: argparse.Namespace) -> None:
         os.path.dirname(p) if p.endswith(".txt") else p)) for p in args.runs]
     if len(names) != len(args.runs):
         raise utils.UserError(f"--labels gives {len(names)} names for {len(args.runs)} runs")
-    runs = [utils.read_log(p) for p in args.runs]
+    runs = [tracking.read_log(p) for p in args.runs]
     print(metrics_table(names, runs))
     output = args.output or (os.path.join(args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(
         args.runs[0]), "training_curves.png") if len(args.runs) == 1 else "comparison.png")
     keys = args.keys or (None if args.all or len(args.runs) == 1 else COMPARE_KEYS)
-    if utils.plot_training_curves(args.runs, output, labels=names, keys=keys):
+    if tracking.plot_training_curves(args.runs, output, labels=names, keys=keys):
         print(f"Curves: {output}")
 
 
@@ -60,6 +62,7 @@ if __name__ == "__main__":
         training_curves.png for one run, comparison.png for several).""")
     parser.add_argument("--labels", nargs="+", default=None, help="names of the runs in the legend and table")
     parser.add_argument("--keys", nargs="+", default=None, help="""log.txt keys to plot, one panel each
-        (default: every key for one run; for several, the loss, k-NN top-1, linear top-1 and lr).""")
+        (default: every key for one run; for several, the loss, k-NN top-1, linear top-1, the health signals
+        and lr).""")
     parser.add_argument("--all", action="store_true", help="plot every numeric key, also for several runs")
     utils.run_script(main, parser.parse_args())

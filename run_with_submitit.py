@@ -170,6 +170,9 @@ def main(argv: List[str]) -> None:
     # The job unpickles Trainer and imports the scripts: it needs this folder on its path, wherever it runs.
     repo = os.path.dirname(os.path.abspath(__file__))
     kwargs["slurm_setup"] = [f'export PYTHONPATH="{repo}${{PYTHONPATH:+:$PYTHONPATH}}"']
+    # A task that dies ends the job step at once: the others would otherwise wait in their next collective
+    # until --dist_timeout (a crash that no rank could agree on beforehand, e.g. out of memory).
+    kwargs["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     executor.update_parameters(tasks_per_node=tasks_per_node, cpus_per_task=own.cpus_per_task, nodes=own.nodes,
                                timeout_min=own.timeout, slurm_partition=own.partition,
                                slurm_signal_delay_s=own.signal_delay_s, name=Path(own.script).stem, **kwargs)

@@ -1,5 +1,6 @@
 # Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
-"""Experiment tracking for the training scripts: a per-iteration history file, TensorBoard and W&B.
+"""Experiment tracking for the training scripts: log.txt, a per-iteration history file, TensorBoard, W&B and
+the training-curve plot.
 
 - `log_iters.jsonl` in the output folder: one JSON object every `--log_freq` optimizer steps (loss and
   its terms, lr, wd, teacher momentum and temperature, gradient norm, images/s, data time), always written,
@@ -25,11 +26,9 @@ wandb are imported only when asked for; a missing package stops the run before i
 import argparse
 import json
 import os
-import secrets
 import shutil
-import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -74,10 +73,9 @@ def grad_norms(model: nn.Module, scaler: Optional[torch.amp.GradScaler] = None) 
     """Per-parameter gradient norms on the device (no synchronisation), as `utils.clip_gradients` returns
     them, for runs without clipping; gradients of an fp16 scaler that were not unscaled are divided by its
     scale."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    _, norms = utils.grad_norms(model)
+    if norms is None:
         return None
-    norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2)])
     scale = getattr(scaler, "_scale", None) if scaler is not None else None
     return norms / scale.to(norms.device) if isinstance(scale, torch.Tensor) else norms
 
@@ -132,34 +130,6 @@ def _plain(value: Any) -> Any:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _new_run_id() -> str:
-    """A W&B run id: 8 characters of [a-z0-9], as W&B generates them."""
-    return "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
-
-
-def _wandb_server_reachable(timeout: float = 3.0) -> bool:
-    """Whether the W&B server (WANDB_BASE_URL, else W&B's cloud) answers an HTTP request within `timeout`
-    s (any HTTP status counts: it answered). Run in a thread, since name resolution has no timeout of its own;
-    a sandbox that accepts every TCP connection but forwards nothing is seen as offline."""
-    import urllib.error
-    import urllib.request
-    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/") + "/healthz"
-    result = [False]
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            result[0] = True
-        except urllib.error.HTTPError:
-            result[0] = True  # an answer, even an error status: the server is there
-        except Exception:
-            pass
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 2.0)
-    return result[0]
 
 
 class Tracker:
@@ -230,8 +200,8 @@ class Tracker:
         """Keep the iterations before the one this run resumes at (those after the checkpoint are redone)."""
         if not os.path.isfile(self.history_path):
             return
-        kept = [r for r in utils.read_log(self.history_path) if r.get("iteration", -1) < self.start_iteration]
-        utils.write_json_lines(self.history_path, kept)
+        kept = [r for r in read_log(self.history_path) if r.get("iteration", -1) < self.start_iteration]
+        write_json_lines(self.history_path, kept)
 
     def _open_tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -247,16 +217,13 @@ class Tracker:
     def _open_wandb(self) -> None:
         import wandb
         resumed = self.start_iteration > 0 and bool(self.state.get("wandb_run_id"))
-        run_id = self.state["wandb_run_id"] if resumed else _new_run_id()
-        self.state["wandb_run_id"] = run_id
-        mode = os.environ.get("WANDB_MODE")  # the user's choice wins (online, offline, disabled)
-        if mode is None and not _wandb_server_reachable():
-            mode = "offline"
-            print("W&B: the server cannot be reached (no network?): logging offline.")
+        mode = os.environ.get("WANDB_MODE")  # online, offline (e.g. no network), disabled
+        # a new run gets its id from W&B; a resumed one continues the id kept in the checkpoint
         kwargs = dict(project=self.args.wandb_project, entity=self.args.wandb_entity,
                       name=self.args.wandb_run_name or os.path.basename(os.path.abspath(self.output_dir)),
-                      tags=list(self.args.wandb_tags) or None, id=run_id, resume="allow", dir=self.output_dir,
-                      config={k: _plain(v) for k, v in vars(self.args).items()}, allow_val_change=True)
+                      tags=list(self.args.wandb_tags) or None, dir=self.output_dir,
+                      config={k: _plain(v) for k, v in vars(self.args).items()}, allow_val_change=True,
+                      **({"id": self.state["wandb_run_id"], "resume": "allow"} if resumed else {}))
         try:
             self.wandb_run = wandb.init(mode=mode, **kwargs)
         except Exception as e:  # not logged in, server error: keep training, offline
@@ -266,6 +233,7 @@ class Tracker:
             print(f"W&B: could not start online ({reason}): logging offline.")
             mode = "offline"
             self.wandb_run = wandb.init(mode=mode, **kwargs)
+        run_id = self.state["wandb_run_id"] = self.wandb_run.id
         # an online run that is resumed already holds the steps up to its last one: they are not sent again
         self._wandb_min_step = int(getattr(self.wandb_run, "step", 0) or 0) if resumed else 0
         mode = str(getattr(self.wandb_run.settings, "mode", mode or "online"))
@@ -388,7 +356,7 @@ def read_history(path: str, as_dataframe: Optional[bool] = None):
         path = os.path.join(path, HISTORY_FILE)
     if not os.path.isfile(path):
         raise utils.UserError(f"{path} does not exist: give a run's output folder or its {HISTORY_FILE}")
-    records = utils.read_log(path)  # skips a line cut short by a crash
+    records = read_log(path)  # skips a line cut short by a crash
     if as_dataframe is None or as_dataframe:
         try:
             import pandas
@@ -401,3 +369,135 @@ def read_history(path: str, as_dataframe: Optional[bool] = None):
         for k in r:
             columns.setdefault(k, [])
     return {k: [r.get(k) for r in records] for k in columns}
+
+
+# ----------------------------------------------------------------------------------------------------
+# log.txt and the curves drawn from it
+# ----------------------------------------------------------------------------------------------------
+def sync_log_with_checkpoint(log_path: str, log_history: Optional[Sequence[Dict[str, Any]]]) -> None:
+    """Make log.txt hold exactly the epochs of the checkpoint a run resumes from (`log_history`; none lost,
+    none repeated), or, when starting without a checkpoint (`log_history` None), move a stale log.txt,
+    which belongs to another run, aside to log.txt.old rather than append to it. Main process only."""
+    if not utils.is_main_process():
+        return
+    if log_history is not None:
+        write_json_lines(log_path, log_history)
+    elif os.path.exists(log_path):
+        os.replace(log_path, log_path + ".old")
+        print(f"No checkpoint in {os.path.dirname(log_path) or '.'}: starting from scratch; the previous log.txt "
+              "is now log.txt.old")
+
+
+def write_json_lines(path: str, records: Sequence[Dict[str, Any]]) -> None:
+    """Rewrite a JSON-lines file atomically (temporary file, then rename)."""
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# The curves a DINO researcher looks at first, in this order; other numeric keys follow.
+# Then the training-health signals (health.py): the paper's two parts of the loss, prototypes in use, feature
+# spread and RankMe.
+CURVE_KEYS = ("train_loss", "knn_top1", "train_teacher_entropy", "train_kl", "train_prototypes_in_use",
+              "train_feature_spread", "rankme", "train_lr", "train_wd", "train_teacher_momentum", "train_teacher_temp")
+HEALTH_KEYS = ("train_teacher_entropy", "train_kl", "train_prototypes_in_use", "train_feature_spread", "rankme")
+
+
+CURVE_SKIP = ("epoch", "bad_images", "train_bad_images")
+
+
+# Panel titles a reader recognises at a glance (the log.txt key follows in brackets).
+CURVE_TITLES = {"train_loss": "training loss", "knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)",
+                "test_acc1": "linear top-1 (%)", "test_acc5": "linear top-5 (%)", "train_lr": "learning rate",
+                "train_wd": "weight decay", "train_teacher_momentum": "teacher momentum",
+                "train_teacher_temp": "teacher temperature", "train_images_per_sec": "images/s",
+                "train_teacher_entropy": "teacher entropy (nats)",
+                "train_teacher_entropy_frac": "teacher entropy / ln K",
+                "train_kl": "KL(teacher || student) (nats)", "train_prototypes_in_use": "prototypes in use",
+                "train_feature_spread": "feature spread", "rankme": "RankMe (effective rank)"}
+
+
+def read_log(path: str) -> List[Dict[str, Any]]:
+    """The records of a log.txt (one JSON object per line); `path` may be the run's output folder.
+    A line cut short by a crash is skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "log.txt")
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{path} does not exist: give a run's output folder or its log.txt")
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]] = None,
+                         keys: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Plot the numeric keys of one or several runs' log.txt against the epoch into one PNG.
+
+    `log_paths`: a log.txt, an output folder, or a list of them (one line per run in every panel, one legend
+    for the figure). Loss, k-NN accuracy, learning rate, weight decay, teacher momentum and temperature come
+    first; `keys` plots only those of the given keys that some run has, in that order.
+    Returns the PNG path, or None when there is nothing to plot or matplotlib is not installed.
+    """
+    if isinstance(log_paths, str):
+        log_paths = [log_paths]
+    runs = [read_log(p) for p in log_paths]
+    if labels is None:
+        labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) if p.endswith(".txt")
+                  else os.path.basename(os.path.abspath(p)) for p in log_paths]
+    found: List[str] = []
+    for records in runs:
+        for record in records:
+            found += [k for k, v in record.items() if _is_number(v) and k not in CURVE_SKIP and k not in found]
+    if keys is not None:
+        keys = [k for k in keys if k in found]
+    else:
+        keys = [k for k in CURVE_KEYS if k in found] + [k for k in found if k not in CURVE_KEYS]
+    if not keys:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        print("matplotlib is not installed: no training-curve plot (pip install matplotlib)")
+        return None
+    ncols = min(3, len(keys))
+    nrows = (len(keys) + ncols - 1) // ncols
+    legend = 0.5 if len(runs) > 1 else 0.0  # inches on top for the one legend of several runs
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + legend), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = {}
+    for ax, key in zip(axes.flat, keys):
+        for i, (records, label) in enumerate(zip(runs, labels)):
+            points = [(r.get("epoch", j), r[key]) for j, r in enumerate(records) if _is_number(r.get(key))]
+            if points:  # a run keeps its colour in every panel, even where another run has no value
+                handles[label], = ax.plot(*zip(*points), marker="o", markersize=3, label=label,
+                                          color=colours[i % len(colours)])
+        ax.set_title(f"{CURVE_TITLES[key]} ({key})" if key in CURVE_TITLES else key)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if legend:
+        shown = [label for label in labels if label in handles]
+        fig.legend([handles[label] for label in shown], shown, loc="upper center", ncol=min(len(shown), 5),
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - legend / fig.get_figheight()))
+    tmp = f"{out_png}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)  # a viewer refreshing the file never sees half of it
+    return out_png

@@ -79,8 +79,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         # Explicit path: when the weights themselves are wanted (attention maps, visualisation), and for bf16 on
-        # CPU. There torch's fused kernel is slower in bf16 than in fp32 (forward + backward on an AVX512-BF16 CPU:
-        # 1.3x slower at 197 tokens, 3.4x at 37), while two bf16 matrix products are 2x faster than fp32 fused.
+        # CPU, where torch's fused kernel is slower in bf16 than in fp32 while two bf16 matrix products are faster
+        # (measurements in BENCHMARKS.md).
         if return_attention or (q.is_cpu and q.dtype == torch.bfloat16):
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = attn.softmax(dim=-1)

@@ -16,7 +16,7 @@ Differences from the official script, none of which changes an attention value o
 - `img.png` is the exact inverse of the ImageNet normalisation (the official min-max stretches it);
 - the mask overlay is drawn with numpy and matplotlib's contour (the official uses scikit-image and
   OpenCV, not dependencies here) and has the size of the image (the official saves 500x500 figures);
-- weights load through `utils.load_pretrained_weights`: our checkpoints, official full and backbone-only
+- weights load through `checkpointing.load_pretrained_weights`: our checkpoints, official full and backbone-only
   checkpoints; weights that do not fit the model stop with a message instead of loading partially.
 """
 import argparse
@@ -28,8 +28,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import augmentations
+import backbones
+import synthetic
+import runtime
 import data
-import eval_knn
 import utils
 
 # The official overlay draws one instance in the first of its `random_colors(1)`: HSV (0, 1, 1), red.
@@ -67,7 +70,7 @@ def load_image(image_path: Optional[str]) -> Image.Image:
         print("Please use the `--image_path` argument to indicate the path of the image you wish to visualize.")
         print("Since no image path has been provided, we use a generated image (a synthetic star shape).")
         # A star on a gradient, 224 px so that the resize to --image_size stays smooth; seed 3 centres it.
-        return data.synthetic_image(data.SYNTHETIC_CLASSES.index("star"), np.random.default_rng(3), size=224)
+        return synthetic.synthetic_image(synthetic.SYNTHETIC_CLASSES.index("star"), np.random.default_rng(3), size=224)
     if not os.path.isfile(image_path):
         raise utils.UserError(f"--image_path {image_path} does not exist or is not a file")
     try:
@@ -83,7 +86,7 @@ def preprocess(img: Image.Image, image_size: Sequence[int], patch_size: int) -> 
     transform = pth_transforms.Compose([
         pth_transforms.Resize(list(image_size)),
         pth_transforms.ToTensor(),
-        pth_transforms.Normalize(data.IMAGENET_DEFAULT_MEAN, data.IMAGENET_DEFAULT_STD),
+        pth_transforms.Normalize(augmentations.IMAGENET_DEFAULT_MEAN, augmentations.IMAGENET_DEFAULT_STD),
     ])
     img = transform(img)
     # make the image divisible by the patch size (official names: `w` is the height, `h` the width)
@@ -96,8 +99,8 @@ def preprocess(img: Image.Image, image_size: Sequence[int], patch_size: int) -> 
 
 def unnormalize(img: torch.Tensor) -> np.ndarray:
     """[1, 3, H, W] normalised tensor -> [H, W, 3] uint8, the colours the model was shown."""
-    mean = torch.tensor(data.IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    mean = torch.tensor(augmentations.IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(augmentations.IMAGENET_DEFAULT_STD).view(3, 1, 1)
     x = (img[0].detach().cpu().float() * std + mean).clamp(0, 1)
     # as torchvision.utils.save_image: round to the nearest 8-bit level
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -170,10 +173,9 @@ def save_mask_overlay(image: np.ndarray, mask: np.ndarray, fname: str,
 # Script
 # ----------------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
-    arch = utils.DEIT_ALIASES.get(args.arch, args.arch)
-    if arch not in utils.VIT_ARCHS:
+    if not backbones.is_vit(args.arch):
         raise utils.UserError(f"--arch {args.arch} has no self-attention maps to show: use one of "
-                              f"{', '.join(utils.VIT_ARCHS)} (or a deit_* alias)")
+                              f"{', '.join(backbones.VIT_ARCHS)} (or a deit_* alias)")
     if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
         raise utils.UserError(f"--image_size takes one (short side) or two (height width) positive values, "
                               f"not {' '.join(map(str, args.image_size))}")
@@ -188,7 +190,7 @@ def attention_maps(args: argparse.Namespace) -> Tuple[torch.Tensor, np.ndarray, 
     check_args(args)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     img = preprocess(load_image(args.image_path), args.image_size, args.patch_size)  # a bad image fails fast
-    model = eval_knn.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
+    model = backbones.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
                                       device)
 
     w_featmap = img.shape[-2] // args.patch_size
@@ -203,7 +205,7 @@ def attention_maps(args: argparse.Namespace) -> Tuple[torch.Tensor, np.ndarray, 
 def visualize_attention(args: argparse.Namespace) -> List[str]:
     """Write the images; return their paths."""
     check_args(args)
-    utils.check_output_dir(args.output_dir)  # before the work, not after
+    runtime.check_output_dir(args.output_dir)  # before the work, not after
     img, attentions, th_attn = attention_maps(args)
     nh = attentions.shape[0]
 

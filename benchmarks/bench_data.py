@@ -1,6 +1,7 @@
 # Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
-"""Benchmark of the DINO data pipeline: decode + multi-crop augmentation, ours (`data.py`) against the
-official code (`tests/official_dino.py`: ImageFolder's PIL loader + the official DataAugmentationDINO).
+"""Benchmark of the DINO data pipeline: decode + multi-crop augmentation, ours (`data.py` +
+`augmentations.py`) against the official code (`tests/official_dino.py`: ImageFolder's PIL loader + the
+official DataAugmentationDINO).
 
 Prints figures; asserts nothing.
 
@@ -15,9 +16,9 @@ Prints figures; asserts nothing.
    jobs on the machine); the median per implementation, their ratio and the ratio of each repeat.
 2. Profile: the time share of each step (decode, crop + resize, colour jitter, grayscale, blur, solarize,
    to-tensor + normalisation), for each crop kind, measured by wrapping the official transforms and the
-   functions of `data.py` with timers (one pass over the images, outside the throughput runs).
+   functions of `augmentations.py` with timers (one pass over the images, outside the throughput runs).
 3. DataLoader: images/s with `--num_workers` workers, ours (`data.PretrainDataset` + `data.build_loader`:
-   persistent workers, prefetch factor 4) and official (torchvision ImageFolder + a plain DataLoader, as
+   persistent workers, prefetch factor 2) and official (torchvision ImageFolder + a plain DataLoader, as
    main_dino.py), after the first batch (worker start-up reported apart), alternating, `--loader_repeats`.
 
 The machine is often shared: the load average before and after each part is printed, and both
@@ -38,6 +39,7 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import augmentations  # noqa: E402
 import data  # noqa: E402
 from bench_train import cpu_model, git_sha, load_official, loadavg  # noqa: E402
 
@@ -83,7 +85,7 @@ class Pipeline:
 
 def build_pipelines(args, official):
     return [Pipeline("official", official.pil_loader, build_augmentation(official, args)),
-            Pipeline("ours", data.pil_loader_rgb, build_augmentation(data, args))]
+            Pipeline("ours", data.pil_loader_rgb, build_augmentation(augmentations, args))]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def profile_official(official, args, files):
 
 
 def profile_ours(args, files):
-    """The pixel functions of data.py wrapped with a timer (the crop kind from the size of their input)."""
+    """The pixel functions of augmentations.py wrapped with a timer (the crop kind from the size of their input)."""
     timers = Timers()
     names = {"resized_crop": "crop + resize", "adjust_brightness": "colour jitter", "adjust_contrast": "colour jitter",
              "adjust_saturation": "colour jitter", "adjust_hue": "colour jitter", "grayscale": "grayscale",
@@ -198,19 +200,19 @@ def profile_ours(args, files):
     def label(fn):  # resized_crop(src, i, j, h, w, size); the others take the crop(s) first
         return (lambda a: kind(a[5])) if fn == "resized_crop" else (lambda a: kind(a[0].shape[-1]))
 
-    saved = {fn: getattr(data, fn) for fn in names}
-    saved_sample = data.MultiCropTransform.sample
+    saved = {fn: getattr(augmentations, fn) for fn in names}
+    saved_sample = augmentations.CropAugmentation.sample
     try:
         for fn, name in names.items():
-            setattr(data, fn, timers.wrap(saved[fn], name, label(fn)))
-        data.MultiCropTransform.sample = timers.wrap(saved_sample, "parameters", lambda a: kind(a[0].size))
-        aug = build_augmentation(data, args)
+            setattr(augmentations, fn, timers.wrap(saved[fn], name, label(fn)))
+        augmentations.CropAugmentation.sample = timers.wrap(saved_sample, "parameters", lambda a: kind(a[0].size))
+        aug = build_augmentation(augmentations, args)
         loader = timers.wrap(data.pil_loader_rgb, "decode")
         timers.wrap(Pipeline("ours", loader, aug).run, "total")(files, args.seed)
     finally:
         for fn in names:
-            setattr(data, fn, saved[fn])
-        data.MultiCropTransform.sample = saved_sample
+            setattr(augmentations, fn, saved[fn])
+        augmentations.CropAugmentation.sample = saved_sample
     return timers.total
 
 
@@ -265,7 +267,7 @@ def build_loaders(args, official, base):
                           pin_memory=torch.cuda.is_available(), drop_last=True)
 
     def make_ours():
-        ds = data.PretrainDataset(base, data.DataAugmentationDINO(*scales, **sizes), seed=args.seed)
+        ds = data.PretrainDataset(base, augmentations.DataAugmentationDINO(*scales, **sizes), seed=args.seed)
         loader = data.build_loader(ds, args.batch_size, args.num_workers, seed=args.seed,
                                    pin_memory=torch.cuda.is_available())
         loader.sampler.set_epoch(0)

@@ -9,7 +9,7 @@ memory is its own), on the same inputs:
     python benchmarks/bench_train.py --data_path /path/to/imagenet/train --num_workers 8   # real loading
 
 - `ours` builds data, models, loss, optimizer and schedules with `main_dino.build_data` and
-  `main_dino.build_training` (what `main_dino.train_dino` uses) and times `main_dino.train_one_epoch`
+  `main_dino.build_training` (what `main_dino.train_dino` uses) and times `engine.train_one_epoch`
   itself, over a loader truncated to warmup + iters batches.
 - `official` is the official step rebuilt from the test-only reference `tests/official_dino.py`
   (explicit-softmax ViT, weight_norm DINOHead, official MultiCropWrapper and per-pair DINOLoss,
@@ -23,6 +23,9 @@ FLOPs: one forward (teacher on the 2 global crops, student on all crops) + loss 
 `torch.utils.flop_counter.FlopCounterMode` outside the timed loop; fused attention kernels are counted as
 the explicit attention they replace (FlopCounterMode ignores the CPU flash kernels and counts a
 recomputation in the CUDA ones), so both implementations report the same model FLOPs.
+MFU (GPU): achieved model FLOP/s over the device's dense bf16/fp16 tensor-core peak (`PEAK_TFLOPS`, by
+`torch.cuda.get_device_name`; `--peak_tflops` for another device), whatever the precision of the run: the
+official fp16 step and our bf16 one are measured against the same ceiling. `--json FILE` writes the summary.
 Figures on a machine shared with other work are noisy: "CPU time / wall" and the load averages show it,
 the fastest-iteration figures are the least disturbed, `--repeats` alternates fresh runs.
 """
@@ -45,6 +48,25 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 RESULT_MARKER = "@@BENCH_RESULT@@ "
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets (fp16 for the GPUs without
+# bf16, V100 and T4). The first entry whose name occurs in torch.cuda.get_device_name() applies: the more
+# specific names first. The H200 has the H100 SXM's arithmetic (same chip); on the H200 here, an 8192^3 bf16
+# matrix product reached about 790 of its 989 TFLOP/s (random data).
+PEAK_TFLOPS = (
+    ("GB200", 2450.0), ("B200", 2250.0), ("GH200", 989.0), ("H200", 989.0), ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("H20", 148.0), ("A100", 312.0), ("A800", 312.0),
+    ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("RTX 6000 Ada", 364.0),
+    ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+)
+
+
+def peak_tflops(device_name: str):
+    """The dense bf16 peak of a GPU by name (TFLOP/s), or None when unknown."""
+    for name, peak in PEAK_TFLOPS:
+        if name.lower() in device_name.lower():
+            return peak
+    return None
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -81,6 +103,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", default=1, type=int,
                    help="run each implementation this many times (alternating order, a fresh process each); "
                         "the summary takes the median of the per-run medians")
+    p.add_argument("--peak_tflops", default=None, type=float,
+                   help="the device's dense bf16 peak for the MFU (default: from the table, by GPU name)")
+    p.add_argument("--json", default=None, help="also write the summary (per implementation) to this JSON file")
     p.add_argument("--_child", default=None, choices=["ours", "official"], help=argparse.SUPPRESS)
     return p
 
@@ -211,6 +236,7 @@ def load_official():
 # ----------------------------------------------------------------------------------------------------
 def run_ours(bench, device, torch, synthetic):
     import torch.backends.cudnn as cudnn
+    import engine
     import main_dino
 
     out_dir = tempfile.mkdtemp(prefix="bench_dino_")
@@ -252,9 +278,10 @@ def run_ours(bench, device, torch, synthetic):
 
     # ---- the real loop, timed
     timed = TimedLoader(loader, n_batches, device)
-    stats = main_dino.train_one_epoch(student, teacher, run.teacher_without_ddp, dino_loss, timed, optimizer,
-                                      run.lr_schedule, run.wd_schedule, run.momentum_schedule, bench.epoch,
-                                      run.fp16_scaler, args, autocast=autocast)
+    dino_step, after_step = main_dino.dino_step(student, teacher, run.teacher_without_ddp, dino_loss,
+                                                run.momentum_schedule)
+    stats = engine.train_one_epoch(dino_step, student, optimizer, timed, run.lr_schedule, run.wd_schedule,
+                                   bench.epoch, args, run.fp16_scaler, autocast, after_step=after_step)
 
     # ---- FLOPs of one forward + backward (outside the timed loop; restores the loss centre)
     images = [im.to(device, non_blocking=True) for im in synthetic]
@@ -273,7 +300,7 @@ def run_ours(bench, device, torch, synthetic):
 
     n_student = sum(p.numel() for p in student.parameters())
     return dict(
-        desc=(f"main_dino.train_one_epoch (real loop); {precision}; our ViT (SDPA attention), "
+        desc=(f"engine.train_one_epoch (real loop); {precision}; our ViT (SDPA attention), "
               "AdamW(fused=True), foreach clip + EMA"),
         data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student,
         rss_models=rss_models, loop_stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
@@ -297,11 +324,11 @@ def run_official(bench, device, torch, synthetic):
     use_fp16 = device.type == "cuda"
 
     if bench.data_path:
-        import data
+        import augmentations
         from torchvision import datasets
-        # the official recipe; data.DataAugmentationDINO is the same transform list as the official one
-        transform = data.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), bench.local_crops_number,
-                                              bench.global_crops_size, bench.local_crops_size)
+        # the official recipe; augmentations.DataAugmentationDINO is the same transform list as the official one
+        transform = augmentations.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), bench.local_crops_number,
+                                                       bench.global_crops_size, bench.local_crops_size)
         dataset = datasets.ImageFolder(bench.data_path, transform=transform)
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
                                                       seed=bench.seed)
@@ -310,8 +337,8 @@ def run_official(bench, device, torch, synthetic):
                                              drop_last=True)
         sampler.set_epoch(bench.epoch)
         data_desc = (f"{bench.data_path} ({len(dataset)} images) via torchvision ImageFolder + "
-                     f"data.DataAugmentationDINO (same recipe as the official class) + DistributedSampler "
-                     f"DataLoader, {bench.num_workers} workers")
+                     f"augmentations.DataAugmentationDINO (same recipe as the official class) + "
+                     f"DistributedSampler DataLoader, {bench.num_workers} workers")
     else:
         loader = [(synthetic, torch.zeros(bench.batch_size, dtype=torch.long))] * n_batches
         data_desc = "synthetic random tensors (same batch every iteration)"
@@ -394,6 +421,7 @@ def child_main(bench) -> None:
         iter_cpu_times=[b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])],
         rss_imports=rss_imports, rss_peak=max_rss_mib(),
         cuda_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         loadavg=loadavg())
     print(RESULT_MARKER + json.dumps(res), flush=True)
 
@@ -445,6 +473,12 @@ def report(res, bench):
           f"{flops / 1e9:.1f} GFLOP per step)")
     print(f"    achieved:            {flops / med / 1e9:.1f} GFLOP/s at the median ({flops / best / 1e9:.1f} at "
           "the fastest iteration)")
+    peak = bench.peak_tflops or (peak_tflops(res["device_name"]) if res["device"].startswith("cuda") else None)
+    if peak:
+        print(f"    MFU:                 {100 * flops / med / 1e12 / peak:.1f}% of {peak:.0f} TFLOP/s (dense bf16 peak "
+              f"of {res['device_name']}; {100 * flops / best / 1e12 / peak:.1f}% at the fastest iteration)")
+    elif res["device"].startswith("cuda"):
+        print(f"    MFU:                 n/a ({res['device_name']} is not in PEAK_TFLOPS: give --peak_tflops)")
     mem = f"{res['rss_peak']:.0f} MiB peak RSS (after imports {res['rss_imports']:.0f}, after model build " \
           f"{res['rss_models']:.0f})"
     if res.get("cuda_peak_mib") is not None:
@@ -456,6 +490,17 @@ def report(res, bench):
         print("    loop stats:          " + ", ".join(f"{k}={v:.4g}" for k, v in res["loop_stats"].items()))
     print(f"    load average after:  {res['loadavg']}")
     return med, best
+
+
+def summary_record(res, bench, med: float) -> dict:
+    """The figures of one run, for --json."""
+    peak = bench.peak_tflops or (peak_tflops(res["device_name"]) if res["device"].startswith("cuda") else None)
+    tflops = res["flops"] / med / 1e12
+    return {"impl": res["impl"], "desc": res["desc"], "device": res["device"], "device_name": res["device_name"],
+            "s_per_iter": med, "images_per_s": bench.batch_size / med,
+            "flops_per_image": res["flops"] / bench.batch_size,
+            "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+            "cuda_peak_mib": res.get("cuda_peak_mib"), "rss_peak_mib": res["rss_peak"]}
 
 
 def main() -> None:
@@ -485,6 +530,7 @@ def main() -> None:
     print(flush=True)
     impls = ["ours", "official"] if bench.impl == "both" else [bench.impl]
     medians = {impl: [] for impl in impls}
+    records = {}
     bests = {impl: [] for impl in impls}
     for r in range(max(1, bench.repeats)):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
@@ -497,6 +543,7 @@ def main() -> None:
                 if figures is not None:
                     medians[impl].append(figures[0])
                     bests[impl].append(figures[1])
+                    records.setdefault(impl, []).append(summary_record(res, bench, figures[0]))
             print(flush=True)
     summary = {impl: statistics.median(m) for impl, m in medians.items() if m}
     if bench.repeats > 1:
@@ -513,6 +560,15 @@ def main() -> None:
         print(f"speed-up ours/official at the fastest iterations (least disturbed by other load): "
               f"{best_official / best_ours:.2f}x ({best_ours:.4f} vs {best_official:.4f} s/iteration)")
     print(f"load average: {loadavg()} (after)")
+    if bench.json:
+        out = {}
+        for impl, runs in records.items():  # the run closest to the median of the medians
+            out[impl] = min(runs, key=lambda r: abs(r["s_per_iter"] - summary[impl]))
+        if "ours" in summary and "official" in summary:
+            out["speedup"] = summary["official"] / summary["ours"]
+        out["setup"] = {k: v for k, v in vars(bench).items() if not k.startswith("_")}
+        with open(bench.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,9 @@ width, is pulled towards the direction of the frozen teacher's CLS embedding.
 
 Self-contained (torch only): copy this file alone into other code.
 """
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def _autocast_off(device: torch.device):
-    """Autocast would compute the cosine in bf16/fp16; the loss is computed in float32."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class CLSTokenLoss(nn.Module):
@@ -36,7 +27,8 @@ class CLSTokenLoss(nn.Module):
         if student_cls.dim() != 2 or teacher_cls.dim() != 2 or student_cls.shape[0] != teacher_cls.shape[0]:
             raise ValueError(f"CLSTokenLoss: expects [B, Ds] and [B, Dt], got {tuple(student_cls.shape)} "
                              f"and {tuple(teacher_cls.shape)}")
-        with _autocast_off(student_cls.device):
+        # autocast off: the cosine is computed in float32
+        with torch.autocast(student_cls.device.type, enabled=False):
             dtype = torch.promote_types(student_cls.dtype, torch.float32)
             projected = self.proj(student_cls.to(self.proj.weight.dtype)).to(dtype)
             cos = F.cosine_similarity(projected, teacher_cls.detach().to(dtype), dim=-1, eps=1e-8)

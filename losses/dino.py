@@ -7,20 +7,11 @@ iterations), usable alone, e.g. for the iBOT patch targets of the masked tokens.
 
 Self-contained (torch and numpy only): copy this file alone into other code.
 """
-import contextlib
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def _autocast_off(device: torch.device):
-    """Autocast would run some ops in bf16/fp16; the teacher targets need float32."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _dist_on() -> bool:
@@ -71,7 +62,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
                          f"got {tuple(teacher_logits.shape)}")
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp: n_iterations must be >= 1, got {n_iterations}")
-    with _autocast_off(teacher_logits.device):
+    # autocast off: the teacher targets need float32
+    with torch.autocast(teacher_logits.device.type, enabled=False):
         logq = teacher_logits.detach().float() / teacher_temp  # log of Q.T, [B_local, K]
         for it in range(n_iterations):
             logq -= _logsumexp_over_samples(logq)  # prototypes: equal mass (the 1/K is a constant)

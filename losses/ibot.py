@@ -5,7 +5,6 @@ distribution over prototypes for the same (unmasked) patches.
 
 Self-contained (torch and numpy only): copy this file alone into other code.
 """
-import contextlib
 from typing import Optional
 
 import numpy as np
@@ -13,13 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def _autocast_off(device: torch.device):
-    """Autocast would run some ops in bf16/fp16; the loss and the centre are computed in float32."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class iBOTPatchLoss(nn.Module):
@@ -50,30 +42,36 @@ class iBOTPatchLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        # Same linear warm-up of the teacher temperature as DINOLoss (a sharp teacher early is unstable).
-        warmup = min(warmup_teacher_temp_epochs, nepochs)
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)[:warmup],
-            np.ones(nepochs - warmup) * teacher_temp,
-        ))
+        self.warmup_teacher_temp, self.final_teacher_temp = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp_epochs, self.nepochs = warmup_teacher_temp_epochs, nepochs
 
     def teacher_temp(self, epoch: int) -> float:
-        return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
+        """DINOLoss's schedule: a linear warm-up over warmup_teacher_temp_epochs (a sharp teacher early is
+        unstable), then teacher_temp; past nepochs, its last value."""
+        epoch = min(epoch, self.nepochs - 1)
+        if epoch < self.warmup_teacher_temp_epochs:
+            return float(np.linspace(self.warmup_teacher_temp, self.final_teacher_temp,
+                                     self.warmup_teacher_temp_epochs)[epoch])
+        return float(self.final_teacher_temp)
 
     def forward(self, student_patch_logits: torch.Tensor, teacher_patch_logits: Optional[torch.Tensor],
-                masks: torch.Tensor, epoch: int, teacher_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+                masks: torch.Tensor, epoch: int, teacher_probs: Optional[torch.Tensor] = None,
+                mask_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """student_patch_logits, teacher_patch_logits: [B, N, K], or [M, K] = only the M masked rows in
         `tensor[masks]` order (cheaper: the heads then run on the masked tokens only); masks: [B, N] bool
         (True = masked in the student's input). teacher_probs: [B, N, K] or [M, K] (e.g. what
         `sinkhorn_knopp(teacher_masked_logits, temp)` returns); with it the teacher logits may be None.
-        Returns a float32 scalar; no gradient reaches the teacher."""
+        mask_index (optional, with [M, K] inputs): the flat indices of the True entries of `masks`
+        (`masks.reshape(-1).nonzero().squeeze(1)`, made on the CPU): no host synchronisation on a GPU, where
+        boolean indexing must first read M. Returns a float32 scalar; no gradient reaches the teacher."""
         if masks.dim() != 2 or student_patch_logits.dim() not in (2, 3) or (
                 student_patch_logits.dim() == 3 and student_patch_logits.shape[:2] != masks.shape):
             raise ValueError(f"iBOTPatchLoss: student logits {tuple(student_patch_logits.shape)} must be [B, N, K] "
                              f"with masks {tuple(masks.shape)} = [B, N], or [M, K] for the M masked patches")
         masks = masks.bool()
         n_images = masks.shape[0]
-        with _autocast_off(student_patch_logits.device):
+        # autocast off: the loss and the centre are computed in float32
+        with torch.autocast(student_patch_logits.device.type, enabled=False):
             # Only the masked rows: log_softmax over all B*N*K logits would be wasted work and memory.
             student_masked = student_patch_logits[masks] if student_patch_logits.dim() == 3 else student_patch_logits
             student_logp = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
@@ -95,7 +93,8 @@ class iBOTPatchLoss(nn.Module):
             per_patch = torch.sum(probs * student_logp, dim=-1)  # [M]
             # weight 1 / n_i of every masked patch of image i, in the same (row-major) order as tensor[masks]
             n_masked = masks.sum(dim=1, keepdim=True).clamp(min=1).float()  # [B, 1]
-            weights = (1.0 / n_masked).expand(masks.shape)[masks]  # [M]
+            weights = (1.0 / n_masked).expand(masks.shape)
+            weights = weights[masks] if mask_index is None else weights.reshape(-1).index_select(0, mask_index)  # [M]
             loss = -torch.sum(per_patch * weights) / n_images
         if teacher_probs is None:
             self.update_center(teacher_patch_logits, masks)
@@ -107,7 +106,7 @@ class iBOTPatchLoss(nn.Module):
         `teacher_patch_logits`: [B, N, K], or [M, K] for the masked rows only.
 
         Every rank must call it (one all-reduce), also a rank with no masked patch."""
-        with _autocast_off(teacher_patch_logits.device):
+        with torch.autocast(teacher_patch_logits.device.type, enabled=False):
             masked = teacher_patch_logits.detach()
             masked = (masked[masks.bool()] if masked.dim() == 3 else masked).float()  # [M, K]
             # sums and count in one tensor: a single all-reduce, and the exact mean over unequal ranks

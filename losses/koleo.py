@@ -5,18 +5,9 @@ spreads the L2-normalised features of a batch uniformly over the sphere.
 
 Self-contained (torch only): copy this file alone into other code.
 """
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def _autocast_off(device: torch.device):
-    """Autocast would run the matmul in bf16/fp16; nearest neighbours and log-distances need float32."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class KoLeoLoss(nn.Module):
@@ -40,7 +31,8 @@ class KoLeoLoss(nn.Module):
         """x: [B, D] with B >= 2. Returns a scalar (float32 for half inputs, float64 for float64)."""
         if x.dim() != 2 or x.shape[0] < 2:
             raise ValueError(f"KoLeoLoss: needs [B >= 2, D] features, got {tuple(x.shape)}")
-        with _autocast_off(x.device):
+        # autocast off: nearest neighbours and log-distances need float32
+        with torch.autocast(x.device.type, enabled=False):
             x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), p=2, dim=-1, eps=self.eps)
             with torch.no_grad():
                 dots = x @ x.t()

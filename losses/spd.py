@@ -11,12 +11,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+# The library of the CUDA eigendecompositions: "auto" (MAGMA for batches of matrices larger than 32, else
+# PyTorch's choice), "magma", or "default" (PyTorch's choice: cuSOLVER). Past n = 32, PyTorch's cuSOLVER path
+# solves a batch one matrix after the other (syevd in a loop: 128 x 2 float64 196 x 196 matrices per step under
+# the distillation defaults), where MAGMA's batched solver runs them together; benchmarks/gpu_check.py times
+# both on the GPU at hand. A process-wide setting in PyTorch, so it is set around the call and restored.
+CUDA_EIGH_LIBRARY = "auto"
 
-def _autocast_off(device: torch.device):
-    """Autocast would run the Gram matmuls in bf16/fp16; everything here is float64."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+
+def _eigh_library(g: torch.Tensor) -> str:
+    if g.device.type != "cuda" or CUDA_EIGH_LIBRARY == "default":
+        return "default"
+    if CUDA_EIGH_LIBRARY == "magma" or (g.dim() > 2 and g.shape[0] > 1 and g.shape[-1] > 32):
+        return "magma" if getattr(torch.cuda, "has_magma", False) else "default"  # some builds lack MAGMA
+    return "default"
+
+
+@contextlib.contextmanager
+def _linalg_library(name: str):
+    if name == "default":
+        yield
+        return
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
+
+
+def batched_eigh(g: torch.Tensor):
+    """torch.linalg.eigh of symmetric matrices [..., n, n], on CUDA through the library `CUDA_EIGH_LIBRARY`
+    picks (see above)."""
+    with _linalg_library(_eigh_library(g)):
+        return torch.linalg.eigh(g)
 
 
 def _log_divided_differences(lam: torch.Tensor) -> torch.Tensor:
@@ -49,7 +77,7 @@ class _SymmetricMatrixLog(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: torch.Tensor) -> torch.Tensor:
         g = (g + g.transpose(-1, -2)) / 2
-        lam, v = torch.linalg.eigh(g)
+        lam, v = batched_eigh(g)
         # G is SPD by construction (eps * I added); the floor only guards log() against rounding below 0.
         lam = lam.clamp(min=torch.finfo(lam.dtype).tiny)
         ctx.save_for_backward(lam, v)
@@ -96,7 +124,7 @@ def spd_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor, eps: 
 
     float64 inside (eigh in float32 is too inexact for eigenvalues eps apart), returned as float32 (float64
     for float64 inputs). Gradients flow into the student only; the teacher side is computed without graph.
-    Cost: one batched N x N float64 eigh per side.
+    Cost: one batched N x N float64 eigh per side (on CUDA through MAGMA by default: see CUDA_EIGH_LIBRARY).
     """
     if (student_patches.dim() != 3 or teacher_patches.dim() != 3
             or student_patches.shape[:2] != teacher_patches.shape[:2]):
@@ -106,7 +134,8 @@ def spd_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor, eps: 
         raise ValueError(f"spd_loss: eps must be > 0 (the Gram matrix of fewer dims than patches is singular), "
                          f"got {eps}")
     n = student_patches.shape[1]
-    with _autocast_off(student_patches.device):
+    # autocast off: bf16/fp16 Gram matmuls; everything here is float64
+    with torch.autocast(student_patches.device.type, enabled=False):
         with torch.no_grad():
             log_t = _log_gram(teacher_patches.detach(), eps)
         log_s = _log_gram(student_patches, eps)

@@ -1,11 +1,11 @@
-"""data.DataAugmentationDINO against the official DINO augmentation (tests/official_dino.py).
+"""augmentations.py: DataAugmentationDINO against the official DINO augmentation (tests/official_dino.py).
 
 Our pipeline computes the crops on tensors, but draws its random parameters with the same calls, in the
 same order, as the official torchvision/PIL transforms: under the same seed every parameter (crop box,
 flip, jitter order and factors, grayscale, blur radius, solarization) is the official one, and the images
 differ by rounding only. Also: the statistics of the parameters (crop scale and aspect ratio, application
 probabilities, jitter ranges), the pixel operations against PIL's, shapes, dtypes and normalisation, and
-per-sample determinism. CPU only, generated images, a few seconds.
+per-sample determinism, and how often each pixel operation runs. CPU only, generated images, a few seconds.
 """
 import collections
 import math
@@ -18,11 +18,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
+import augmentations
 import data
 import official_dino as official
 from conftest import noise_image
 
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)  # written out, not read from data.py
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)  # written out, not read from augmentations.py
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)
 
@@ -40,9 +41,14 @@ def smooth_image(size=(64, 48), seed=0):
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
 
 
+def small_aug(n_local=2, global_size=64, local_size=32):
+    return augmentations.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, n_local, global_crops_size=global_size,
+                                              local_crops_size=local_size)
+
+
 def augs(n_local=4, global_size=32, local_size=16):
     kw = dict(global_crops_size=global_size, local_crops_size=local_size)
-    return (data.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, n_local, **kw),
+    return (augmentations.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, n_local, **kw),
             official.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, n_local, **kw))
 
 
@@ -102,7 +108,7 @@ def record_official(monkeypatch):
     return crops
 
 
-def as_dict(p: data.CropParams):
+def as_dict(p: augmentations.CropParams):
     jitter = None if p.jitter is None else (list(p.jitter[0]),) + tuple(p.jitter[1:])
     return dict(box=tuple(p.box), flip=p.flip, jitter=jitter, gray=p.gray, blur=p.blur, solarize=bool(p.solarize))
 
@@ -183,7 +189,7 @@ def test_crop_scale_and_aspect_ratio_distribution(scale):
     position have the distribution of torchvision's RandomResizedCrop.get_params drawn with other seeds
     (two-sample Kolmogorov-Smirnov)."""
     n, height, width = 3000, 200, 160
-    ours = draw_many(data.MultiCropTransform(96, scale, blur_p=0.5), n, height, width)
+    ours = draw_many(augmentations.CropAugmentation(96, scale, blur_p=0.5), n, height, width)
     theirs = []
     for k in range(n):
         with data.seeded_rng(10 ** 6 + k):
@@ -210,6 +216,14 @@ def test_crop_scale_and_aspect_ratio_distribution(scale):
         assert ks_two_sample([field(p.box) for p in ours], [field(b) for b in theirs]) < 1.95 * math.sqrt(2 / n)
 
 
+def test_jitter_ranges_are_torchvisions():
+    """augmentations.py computes ColorJitter(0.4, 0.4, 0.2, 0.1)'s ranges itself (it does not import
+    torchvision): the same floats as torchvision's, so that the factors drawn from them are the official ones."""
+    jitter = transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    expected = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+    assert augmentations.CropAugmentation(32, GLOBAL_SCALE, blur_p=0.5).jitter_ranges == expected
+
+
 def binomial_ok(count, n, p, sigmas=5):
     return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
@@ -219,7 +233,7 @@ def test_application_probabilities_and_jitter_ranges():
     on g1 / g2 / locals; jitter factors uniform in [0.6, 1.4], [0.6, 1.4], [0.8, 1.2], [-0.1, 0.1]; the 24
     orders of the four jitter operations equally likely; blur radius uniform in [0.1, 2]."""
     n = 4000
-    aug = data.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 8)
+    aug = augmentations.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 8)
     kinds = {"g1": (aug.global_transfo1, 1.0, 0.0), "g2": (aug.global_transfo2, 0.1, 0.2),
              "local": (aug.local_transfo, 0.5, 0.0)}
     jitters, radii = [], []
@@ -263,35 +277,35 @@ def test_pixel_operations_match_pil(make_image):
     box pass)."""
     img = make_image((70, 52), seed=3)
     x = pil_to_float(img)
-    scratch = data.Scratch()
+    scratch = augmentations.Scratch()
 
     def check(ours, theirs, max_diff, mean_diff, what):
         d = (ours.round() - pil_to_float(theirs)).abs()
         assert d.max() <= max_diff and d.mean() <= mean_diff, (what, d.max(), d.mean())
 
     for f in (0.6, 0.93, 1.27, 1.4):
-        check(data.adjust_brightness(x.clone(), f), TF.adjust_brightness(img, f), 0, 0, ("brightness", f))
+        check(augmentations.adjust_brightness(x.clone(), f), TF.adjust_brightness(img, f), 0, 0, ("brightness", f))
         # the mean luma: PIL rounds the luma image first, which can move its rounded mean by one level
-        check(data.adjust_contrast(x.clone(), f), TF.adjust_contrast(img, f), 1, 0.5, ("contrast", f))
+        check(augmentations.adjust_contrast(x.clone(), f), TF.adjust_contrast(img, f), 1, 0.5, ("contrast", f))
     for f in (0.8, 1.07, 1.2):
-        check(data.adjust_saturation(x.clone(), f, scratch), TF.adjust_saturation(img, f), 1, 0.05,
+        check(augmentations.adjust_saturation(x.clone(), f, scratch), TF.adjust_saturation(img, f), 1, 0.05,
               ("saturation", f))
     # PIL truncates hue and saturation to 8 bits in its HSV image: its own round trip (a shift of 0) moves
     # saturated pixels by a few levels; ours is exact, so it differs from PIL by about that much
     round_trip = (x - pil_to_float(TF.adjust_hue(img, 0.0))).abs()
     for h in (-0.1, -0.037, 0.05, 0.1):
-        check(data.adjust_hue(x.clone(), int(h * 255) / 255, scratch), TF.adjust_hue(img, h),
+        check(augmentations.adjust_hue(x.clone(), int(h * 255) / 255, scratch), TF.adjust_hue(img, h),
               round_trip.max() + 4, round_trip.mean() + 0.4, ("hue", h))
-    check(data.grayscale(x, scratch).expand(3, -1, -1), TF.rgb_to_grayscale(img, 3), 1, 0.01, "grayscale")
-    check(data.solarize(x.clone()), ImageOps.solarize(img), 0, 0, "solarize")
+    check(augmentations.grayscale(x, scratch).expand(3, -1, -1), TF.rgb_to_grayscale(img, 3), 1, 0.01, "grayscale")
+    check(augmentations.solarize(x.clone()), ImageOps.solarize(img), 0, 0, "solarize")
     # PIL rounds after each of its six passes: at the smallest radii, where a pass moves a pixel by less
     # than half a level, that rounding undoes the blur (ours moves noise pixels by about one level)
     for sigma in (0.1, 0.5, 1.0, 1.4, 1.5, 2.0):
-        check(data.gaussian_blur(x, sigma, scratch), img.filter(ImageFilter.GaussianBlur(sigma)), 3, 1.2,
+        check(augmentations.gaussian_blur(x, sigma, scratch), img.filter(ImageFilter.GaussianBlur(sigma)), 3, 1.2,
               ("blur", sigma))
-    src = data.image_to_uint8(img)
+    src = augmentations.image_to_uint8(img)
     for (i, j, h, w), size in (((3, 5, 40, 50), 32), ((0, 0, 52, 70), 96), ((10, 20, 11, 13), 24)):
-        ours = data.resized_crop(src, i, j, h, w, size).float()
+        ours = augmentations.resized_crop(src, i, j, h, w, size).float()
         theirs = TF.resized_crop(img, i, j, h, w, [size, size], transforms.InterpolationMode.BICUBIC)
         check(ours, theirs, 2, 0.1, ("resize", size))
 
@@ -301,10 +315,10 @@ def test_batched_blur_equals_one_by_one():
     place, give the same result as one crop at a time."""
     x = pil_to_float(noise_image((24, 24))).expand(5, 3, 24, 24).clone() + torch.arange(5.).view(5, 1, 1, 1)
     sigmas = [0.3, 1.9, 1.0, 1.42, 0.1]
-    single = torch.stack([data.gaussian_blur(x[k], s) for k, s in enumerate(sigmas)])
-    torch.testing.assert_close(data.gaussian_blur(x, sigmas), single, atol=1e-3, rtol=0)
+    single = torch.stack([augmentations.gaussian_blur(x[k], s) for k, s in enumerate(sigmas)])
+    torch.testing.assert_close(augmentations.gaussian_blur(x, sigmas), single, atol=1e-3, rtol=0)
     y = x.clone()
-    data.gaussian_blur(y, [sigmas[1], sigmas[3]], index=[1, 3])
+    augmentations.gaussian_blur(y, [sigmas[1], sigmas[3]], index=[1, 3])
     torch.testing.assert_close(y[[1, 3]], single[[1, 3]], atol=1e-3, rtol=0)
     assert torch.equal(y[[0, 2, 4]], x[[0, 2, 4]])
 
@@ -318,7 +332,7 @@ def test_shapes_dtypes_and_constant_image_normalisation():
     per channel, on the 8-bit grid, and the official one within a few levels (hue rounding)."""
     colour = (200, 120, 40)
     img = Image.new("RGB", (150, 110), colour)
-    aug = data.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 8)
+    aug = augmentations.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 8)
     off = official.DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, 8)
     for seed in range(3):
         with data.seeded_rng(seed):
@@ -332,14 +346,14 @@ def test_shapes_dtypes_and_constant_image_normalisation():
             assert (raw - raw.round()).abs().max() < 2e-3  # 8-bit grid
             assert (raw - raw[:, :1, :1]).abs().max() < 2e-3  # constant per channel
             assert ((c - r) * STD * 255).abs().max() <= 4
-    plain = data.CropParams((0, 0, 110, 150), False, None, False, None, False)
+    plain = augmentations.CropParams((0, 0, 110, 150), False, None, False, None, False)
     expected = (torch.tensor(colour, dtype=torch.float32).view(3, 1, 1) / 255 - MEAN) / STD
     for size in (224, 96, 17):
-        out = data.render_crops(data.image_to_uint8(img), size, [plain])[0]
+        out = augmentations.render_crops(augmentations.image_to_uint8(img), size, [plain])[0]
         torch.testing.assert_close(out, expected.expand(3, size, size), atol=1e-6, rtol=0)
     # one channel (grayscale) is broadcast to three equal ones
-    gray = data.CropParams((0, 0, 110, 150), False, None, True, None, False)
-    out = data.render_crops(data.image_to_uint8(img), 8, [gray])[0]
+    gray = augmentations.CropParams((0, 0, 110, 150), False, None, True, None, False)
+    out = augmentations.render_crops(augmentations.image_to_uint8(img), 8, [gray])[0]
     luma = round(0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2])
     torch.testing.assert_close(out * STD + MEAN, torch.full((3, 8, 8), luma / 255), atol=1e-6, rtol=0)
 
@@ -370,4 +384,105 @@ def test_same_seed_same_crops_and_no_shared_buffers():
         one = aug.global_transfo1(a_img)
     with data.seeded_rng(3):
         params = aug.global_transfo1.sample(70, 90)
-    assert torch.equal(one, data.render_crops(data.image_to_uint8(a_img), 40, [params])[0])
+    assert torch.equal(one, augmentations.render_crops(augmentations.image_to_uint8(a_img), 40, [params])[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# DataAugmentationDINO: shapes, normalisation, application of the pixel operations
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_local,gsize,lsize", [(3, 64, 32), (0, 48, 16), (1, 32, 24)])
+def test_augmentation_shapes_and_normalisation(n_local, gsize, lsize):
+    random.seed(0)
+    torch.manual_seed(0)
+    crops = small_aug(n_local, gsize, lsize)(noise_image((50, 37)))
+    assert isinstance(crops, list) and len(crops) == 2 + n_local
+    for i, c in enumerate(crops):
+        size = gsize if i < 2 else lsize
+        assert isinstance(c, torch.Tensor) and c.dtype == torch.float32
+        assert tuple(c.shape) == (3, size, size), (i, c.shape)
+        # ImageNet-normalised: un-normalising gives values in [0, 1] ...
+        raw = c * STD + MEAN
+        assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+        # ... onto the 8-bit grid: every transform works on PIL images, so ToTensor gives k/255 exactly;
+        # this holds only with exactly the ImageNet mean and std.
+        k = raw * 255
+        assert (k - k.round()).abs().max() < 2e-3
+        assert not torch.allclose(c, raw)  # normalisation did happen
+
+
+def test_augmentation_of_constant_image_is_imagenet_normalised():
+    """A mid-grey image stays near-constant through crops and blur; check the normalisation constants."""
+    img = Image.new("RGB", (40, 40), (128, 128, 128))
+    aug = small_aug(1, 32, 16)
+    random.seed(1)
+    torch.manual_seed(1)
+    for _ in range(5):
+        for c in aug(img):
+            raw = c * STD + MEAN
+            # whatever the jitter/solarization did, channels are equal (grey stays grey) and un-normalise to [0, 1]
+            assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+            assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+
+
+def test_augmentation_probabilities(monkeypatch):
+    """Over 300 calls: blur always on g1, ~10% on g2, ~50% on locals; solarization only on g2 (~20%);
+    grayscale ~20% on every crop. The drawn parameters (recorded per crop transform) have these
+    frequencies, and the pixel operations run exactly as often as drawn (counted per crop size)."""
+    n_calls, n_local = 300, 2
+    aug = small_aug(n_local, 32, 16)
+    drawn = collections.defaultdict(list)
+    for label in ("global_transfo1", "global_transfo2", "local_transfo"):
+        transform = getattr(aug, label)
+
+        def record(height, width, sample=transform.sample, label=label):
+            drawn[label].append(sample(height, width))
+            return drawn[label][-1]
+        monkeypatch.setattr(transform, "sample", record)
+
+    solarized, blurred, radii = collections.Counter(), collections.Counter(), []
+    real_solarize, real_blur = augmentations.solarize, augmentations.gaussian_blur
+
+    def spy_solarize(x, *a, **k):
+        solarized[x.shape[-1]] += 1
+        return real_solarize(x, *a, **k)
+
+    def spy_blur(x, sigma, *a, **k):
+        sigmas = [sigma] if isinstance(sigma, float) else list(sigma)
+        blurred[x.shape[-1]] += len(sigmas)
+        radii.extend(sigmas)
+        return real_blur(x, sigma, *a, **k)
+
+    monkeypatch.setattr(augmentations, "solarize", spy_solarize)
+    monkeypatch.setattr(augmentations, "gaussian_blur", spy_blur)
+
+    img = noise_image((40, 40))
+    random.seed(123)
+    torch.manual_seed(123)
+    gray = collections.Counter()
+    for _ in range(n_calls):
+        crops = aug(img)
+        for i, c in enumerate(crops):
+            raw = c * STD + MEAN
+            if torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5):
+                gray["global_transfo1" if i == 0 else "global_transfo2" if i == 1 else "local_transfo"] += 1
+
+    count = {label: collections.Counter() for label in drawn}
+    for label, params in drawn.items():
+        for p in params:
+            count[label].update(blur=p.blur is not None, solarize=bool(p.solarize), gray=bool(p.gray))
+    g1, g2, local = count["global_transfo1"], count["global_transfo2"], count["local_transfo"]
+    assert len(drawn["global_transfo1"]) == len(drawn["global_transfo2"]) == n_calls
+    assert len(drawn["local_transfo"]) == n_local * n_calls
+    assert g1["solarize"] == 0 and local["solarize"] == 0, count
+    assert 30 <= g2["solarize"] <= 95, count  # Binomial(300, 0.2): mean 60, sd 6.9
+    assert g1["blur"] == n_calls, count
+    assert 10 <= g2["blur"] <= 55, count  # Binomial(300, 0.1): mean 30, sd 5.2
+    assert 240 <= local["blur"] <= 360, count  # Binomial(600, 0.5): mean 300, sd 12
+    # the pixel operations ran as drawn (32 px: the global crops, 16 px: the local ones)
+    assert solarized == {32: g2["solarize"]}, (solarized, count)
+    assert blurred == {32: g1["blur"] + g2["blur"], 16: local["blur"]}, (blurred, count)
+    assert min(radii) >= 0.1 and max(radii) <= 2.0
+    for label, n in (("global_transfo1", n_calls), ("global_transfo2", n_calls), ("local_transfo", n_local * n_calls)):
+        assert 0.1 * n <= count[label]["gray"] <= 0.32 * n, (label, count)  # RandomGrayscale(p=0.2)
+        # grayscale crops have equal channels (a colour crop of a noise image practically never does)
+        assert gray[label] == count[label]["gray"], (label, gray, count)

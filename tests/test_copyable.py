@@ -1,4 +1,5 @@
-"""vision_transformer.py and every file of losses/ can be copied alone into other code.
+"""vision_transformer.py, augmentations.py, masking.py and every file of losses/ can be copied alone into
+other code.
 
 Each file is copied into an empty folder and imported there by a fresh, isolated interpreter
 (`python -I`: no PYTHONPATH, no current directory, no user site) in which the repository is not
@@ -17,13 +18,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS_FILES = sorted(p.name for p in (REPO / "losses").glob("*.py") if p.name != "__init__.py")
-COPYABLE = ["vision_transformer.py"] + [f"losses/{name}" for name in LOSS_FILES]
+COPYABLE = ["vision_transformer.py", "augmentations.py", "masking.py"] + [f"losses/{name}" for name in LOSS_FILES]
 ALLOWED_THIRD_PARTY = {"torch", "numpy"}
 
 # Run first in every child: prove the isolation, then make the copy (and only it) importable.
 PRELUDE = textwrap.dedent("""
     import importlib.util, os, sys
-    for name in ("utils", "data", "main_dino", "losses"):
+    for name in ("utils", "data", "main_dino", "losses", "augmentations", "masking"):
         assert importlib.util.find_spec(name) is None, f"the repository is importable: {name}"
     sys.path.insert(0, os.getcwd())
 """)
@@ -45,6 +46,40 @@ FORWARDS = {
         y = head(out)
         assert y.shape == (1, 64) and torch.isfinite(y).all()
         print("FORWARD OK", tuple(out.shape), tuple(y.shape))
+    """,
+    "augmentations": """
+        import random
+        import torch
+        import augmentations as m
+        assert os.path.dirname(os.path.abspath(m.__file__)) == os.getcwd(), m.__file__
+        random.seed(0)
+        torch.manual_seed(0)
+        image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)  # a uint8 tensor stands for a PIL image
+        aug = m.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
+        crops = aug(image)
+        assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3, [c.shape for c in crops]
+        assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+        one = m.CropAugmentation(24, (0.4, 1.0), blur_p=1.0)(image)
+        assert one.shape == (3, 24, 24) and torch.isfinite(one).all()
+        print("FORWARD OK", len(crops))
+    """,
+    "masking": """
+        import random
+        import torch
+        import masking as m
+        assert os.path.dirname(os.path.abspath(m.__file__)) == os.getcwd(), m.__file__
+        random.seed(0)
+        sampler = m.BlockMaskSampler(32, 4, 8, mask_ratio=(0.1, 0.5), mask_probability=1.0)
+        crops, masks = m.MaskedCrops(lambda image: [torch.zeros(3, 32, 32)] * 2 + [torch.zeros(3, 16, 16)],
+                                     sampler)(None)
+        assert len(crops) == 3 and masks.shape == (2, 64) and masks.dtype == torch.bool and masks.any()
+        try:
+            m.BlockMaskSampler(32, 4, 6)
+        except ValueError as e:
+            assert "--mask_patch_size 6" in str(e), e
+        else:
+            raise AssertionError("no ValueError")
+        print("FORWARD OK", int(masks.sum()))
     """,
     "dino": """
         import torch

@@ -1,4 +1,5 @@
-"""data.py: multi-crop augmentation, image decoding, datasets, the synthetic dataset, seeded loading.
+"""data.py: image decoding, datasets, the synthetic dataset, seeded loading (the augmentation itself is
+tested in test_augmentation_stats.py, the iBOT masks in test_masking.py).
 
 CPU only, small images, no real data needed: every image is generated in tmp_path.
 """
@@ -15,123 +16,20 @@ import torch
 from PIL import Image
 
 from conftest import noise_image
+import augmentations
+import synthetic
 import data
 import utils
 
-# The ImageNet constants, written out (not read from data.py, so that a wrong constant there is caught).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-
 
 def small_aug(n_local=2, global_size=64, local_size=32):
-    return data.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), n_local, global_crops_size=global_size,
-                                     local_crops_size=local_size)
+    return augmentations.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), n_local, global_crops_size=global_size,
+                                              local_crops_size=local_size)
 
 
 # ----------------------------------------------------------------------------------------------------
-# DataAugmentationDINO
+# pil_loader_rgb
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_local,gsize,lsize", [(3, 64, 32), (0, 48, 16), (1, 32, 24)])
-def test_augmentation_shapes_and_normalisation(n_local, gsize, lsize):
-    random.seed(0)
-    torch.manual_seed(0)
-    crops = small_aug(n_local, gsize, lsize)(noise_image((50, 37)))
-    assert isinstance(crops, list) and len(crops) == 2 + n_local
-    for i, c in enumerate(crops):
-        size = gsize if i < 2 else lsize
-        assert isinstance(c, torch.Tensor) and c.dtype == torch.float32
-        assert tuple(c.shape) == (3, size, size), (i, c.shape)
-        # ImageNet-normalised: un-normalising gives values in [0, 1] ...
-        raw = c * STD + MEAN
-        assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
-        # ... onto the 8-bit grid: every transform works on PIL images, so ToTensor gives k/255 exactly;
-        # this holds only with exactly the ImageNet mean and std.
-        k = raw * 255
-        assert (k - k.round()).abs().max() < 2e-3
-        assert not torch.allclose(c, raw)  # normalisation did happen
-
-
-def test_augmentation_of_constant_image_is_imagenet_normalised():
-    """A mid-grey image stays near-constant through crops and blur; check the normalisation constants."""
-    img = Image.new("RGB", (40, 40), (128, 128, 128))
-    aug = small_aug(1, 32, 16)
-    random.seed(1)
-    torch.manual_seed(1)
-    for _ in range(5):
-        for c in aug(img):
-            raw = c * STD + MEAN
-            # whatever the jitter/solarization did, channels are equal (grey stays grey) and un-normalise to [0, 1]
-            assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
-            assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
-
-
-def test_augmentation_probabilities(monkeypatch):
-    """Over 300 calls: blur always on g1, ~10% on g2, ~50% on locals; solarization only on g2 (~20%);
-    grayscale ~20% on every crop. The drawn parameters (recorded per crop transform) have these
-    frequencies, and the pixel operations run exactly as often as drawn (counted per crop size)."""
-    n_calls, n_local = 300, 2
-    aug = small_aug(n_local, 32, 16)
-    drawn = collections.defaultdict(list)
-    for label in ("global_transfo1", "global_transfo2", "local_transfo"):
-        transform = getattr(aug, label)
-
-        def record(height, width, sample=transform.sample, label=label):
-            drawn[label].append(sample(height, width))
-            return drawn[label][-1]
-        monkeypatch.setattr(transform, "sample", record)
-
-    solarized, blurred, radii = collections.Counter(), collections.Counter(), []
-    real_solarize, real_blur = data.solarize, data.gaussian_blur
-
-    def spy_solarize(x, *a, **k):
-        solarized[x.shape[-1]] += 1
-        return real_solarize(x, *a, **k)
-
-    def spy_blur(x, sigma, *a, **k):
-        sigmas = [sigma] if isinstance(sigma, float) else list(sigma)
-        blurred[x.shape[-1]] += len(sigmas)
-        radii.extend(sigmas)
-        return real_blur(x, sigma, *a, **k)
-
-    monkeypatch.setattr(data, "solarize", spy_solarize)
-    monkeypatch.setattr(data, "gaussian_blur", spy_blur)
-
-    img = noise_image((40, 40))
-    random.seed(123)
-    torch.manual_seed(123)
-    gray = collections.Counter()
-    for _ in range(n_calls):
-        crops = aug(img)
-        for i, c in enumerate(crops):
-            raw = c * STD + MEAN
-            if torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5):
-                gray["global_transfo1" if i == 0 else "global_transfo2" if i == 1 else "local_transfo"] += 1
-
-    count = {label: collections.Counter() for label in drawn}
-    for label, params in drawn.items():
-        for p in params:
-            count[label].update(blur=p.blur is not None, solarize=bool(p.solarize), gray=bool(p.gray))
-    g1, g2, local = count["global_transfo1"], count["global_transfo2"], count["local_transfo"]
-    assert len(drawn["global_transfo1"]) == len(drawn["global_transfo2"]) == n_calls
-    assert len(drawn["local_transfo"]) == n_local * n_calls
-    assert g1["solarize"] == 0 and local["solarize"] == 0, count
-    assert 30 <= g2["solarize"] <= 95, count  # Binomial(300, 0.2): mean 60, sd 6.9
-    assert g1["blur"] == n_calls, count
-    assert 10 <= g2["blur"] <= 55, count  # Binomial(300, 0.1): mean 30, sd 5.2
-    assert 240 <= local["blur"] <= 360, count  # Binomial(600, 0.5): mean 300, sd 12
-    # the pixel operations ran as drawn (32 px: the global crops, 16 px: the local ones)
-    assert solarized == {32: g2["solarize"]}, (solarized, count)
-    assert blurred == {32: g1["blur"] + g2["blur"], 16: local["blur"]}, (blurred, count)
-    assert min(radii) >= 0.1 and max(radii) <= 2.0
-    for label, n in (("global_transfo1", n_calls), ("global_transfo2", n_calls), ("local_transfo", n_local * n_calls)):
-        assert 0.1 * n <= count[label]["gray"] <= 0.32 * n, (label, count)  # RandomGrayscale(p=0.2)
-        # grayscale crops have equal channels (a colour crop of a noise image practically never does)
-        assert gray[label] == count[label]["gray"], (label, gray, count)
-
-
 def _load(path):
     img = data.pil_loader_rgb(str(path))
     assert isinstance(img, Image.Image) and img.mode == "RGB"
@@ -389,11 +287,11 @@ def _tree(root):
 
 
 def test_synthetic_layout_and_images(tmp_path):
-    root = data.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL)
+    root = synthetic.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL)
     assert os.path.dirname(root) == str(tmp_path)
     for split, n in (("train", 3), ("val", 2)):
         classes = sorted(os.listdir(os.path.join(root, split)))
-        assert classes == sorted(data.SYNTHETIC_CLASSES) and len(classes) == 10
+        assert classes == sorted(synthetic.SYNTHETIC_CLASSES) and len(classes) == 10
         for cls in classes:
             files = sorted(os.listdir(os.path.join(root, split, cls)))
             assert len(files) == n and all(f.endswith(".jpg") for f in files)
@@ -407,9 +305,9 @@ def test_synthetic_layout_and_images(tmp_path):
 
 
 def test_synthetic_deterministic_and_seed_dependent(tmp_path):
-    a = _tree(data.make_synthetic_dataset(str(tmp_path / "a"), seed=0, **SMALL))
-    b = _tree(data.make_synthetic_dataset(str(tmp_path / "b"), seed=0, **SMALL))
-    c = _tree(data.make_synthetic_dataset(str(tmp_path / "c"), seed=1, **SMALL))
+    a = _tree(synthetic.make_synthetic_dataset(str(tmp_path / "a"), seed=0, **SMALL))
+    b = _tree(synthetic.make_synthetic_dataset(str(tmp_path / "b"), seed=0, **SMALL))
+    c = _tree(synthetic.make_synthetic_dataset(str(tmp_path / "c"), seed=1, **SMALL))
     assert len(a) == 10 * 5 + 1
     assert a == b  # same seed: same bytes
     images = [k for k in a if k.endswith(".jpg")]
@@ -420,28 +318,28 @@ def test_synthetic_deterministic_and_seed_dependent(tmp_path):
 
 
 def test_synthetic_reused_from_cache(tmp_path, monkeypatch):
-    root = data.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL)
+    root = synthetic.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL)
     files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
     before = {p: os.stat(p).st_mtime_ns for p in files}
     old = 1_000_000_000  # push mtimes into the past: a rewrite would change them, whatever the fs resolution
     for p in files:
         os.utime(p, ns=(old, old))
     generated = []
-    real_synthetic_image = data.synthetic_image
-    monkeypatch.setattr(data, "synthetic_image", lambda *a, **k: generated.append(a) or real_synthetic_image(*a, **k))
-    assert data.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL) == root
+    real_synthetic_image = synthetic.synthetic_image
+    monkeypatch.setattr(synthetic, "synthetic_image", lambda *a, **k: generated.append(a) or real_synthetic_image(*a, **k))
+    assert synthetic.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL) == root
     assert generated == []  # nothing generated again
     assert {p: os.stat(p).st_mtime_ns for p in files} == {p: old for p in before}
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(root)]
     # other parameters: another dataset beside it
-    other = data.make_synthetic_dataset(str(tmp_path), seed=0, num_train_per_class=2, num_val_per_class=1,
+    other = synthetic.make_synthetic_dataset(str(tmp_path), seed=0, num_train_per_class=2, num_val_per_class=1,
                                         image_size=32)
     assert other != root and os.path.isfile(os.path.join(other, "dataset.json"))
 
 
 def test_synthetic_concurrent_writer_lost_the_race(tmp_path, monkeypatch):
     """Two processes generating at once: the one whose rename fails keeps the other's dataset and cleans up."""
-    root = data.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL)
+    root = synthetic.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL)
     before = _tree(root)
     real_isfile, calls = os.path.isfile, []
 
@@ -451,18 +349,18 @@ def test_synthetic_concurrent_writer_lost_the_race(tmp_path, monkeypatch):
             return False
         return real_isfile(p)
 
-    monkeypatch.setattr(data.os.path, "isfile", isfile_once_false)
-    assert data.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL) == root
+    monkeypatch.setattr(synthetic.os.path, "isfile", isfile_once_false)
+    assert synthetic.make_synthetic_dataset(str(tmp_path), seed=0, **SMALL) == root
     monkeypatch.undo()
     assert _tree(root) == before
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(root)]
 
 
 def test_build_dataset_synthetic(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "make_synthetic_dataset", functools.partial(data.make_synthetic_dataset, **SMALL))
+    monkeypatch.setattr(synthetic, "make_synthetic_dataset", functools.partial(synthetic.make_synthetic_dataset, **SMALL))
     train = data.build_dataset(f"synthetic:{tmp_path / 'cache'}")
     val = data.build_dataset(f"synthetic:{tmp_path / 'cache'}", split="val")
-    assert train.classes == sorted(data.SYNTHETIC_CLASSES) == val.classes
+    assert train.classes == sorted(synthetic.SYNTHETIC_CLASSES) == val.classes
     assert len(train) == 30 and len(val) == 20
     _check_consistent(train)
     assert all(p.startswith(str(tmp_path / "cache")) for p, _ in train.samples)
@@ -473,7 +371,7 @@ def test_build_dataset_synthetic(tmp_path, monkeypatch):
 
 
 def test_build_dataset_on_synthetic_root(tmp_path):
-    root = data.make_synthetic_dataset(str(tmp_path), seed=3, **SMALL)
+    root = synthetic.make_synthetic_dataset(str(tmp_path), seed=3, **SMALL)
     ds = data.build_dataset(os.path.join(root, "train"))
     assert len(ds) == 30 and len(ds.classes) == 10
     _check_consistent(ds)

@@ -10,15 +10,12 @@ and the timm model's outputs are compared with the reference's `forward_features
 - the encoder (CLS, storage and patch tokens after the final norm) for square and non-square inputs;
 - the evaluation feature `model(x)` (what eval_knn uses) against `x_norm_clstoken`, which is what Meta's
   `forward(x, is_training=False)` returns;
-- the same through `eval_knn.py --dump_features` on a tiny ImageFolder.
+- the same through eval_knn.py's `--dump_features` on a tiny ImageFolder.
 
 Meta's distilled ViT-S/B/L have all-zero qkv biases: they go to `vit_small_patch16_dinov3` (no qkv bias);
 non-zero biases need `vit_small_patch16_dinov3_qkvb`, and the plain arch refuses them. A variant with a tiny
 residual stream makes the LayerNorm eps (1e-5 in Meta's `layernormbf16`) matter.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +23,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import parse
 import meta_dinov3 as meta  # noqa: E402  (the reference beside this file; pytest puts tests/ on sys.path)
 
+import backbones
 import data  # noqa: E402  (repo root is on sys.path via conftest.py)
 import eval_knn  # noqa: E402
 import utils  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCH = "vit_small_patch16_dinov3"
 ARCH_QKVB = "vit_small_patch16_dinov3_qkvb"
 ATOL = 1e-4
 CPU = torch.device("cpu")
 POOL_HINT = ("timm's DINOv3 ports default to global_pool='avg' (mean of the patch tokens); Meta's model returns the "
-             "normalised CLS token: utils.build_backbone must create timm DINOv3 models with global_pool='token'")
+             "normalised CLS token: backbones.build_backbone must create timm DINOv3 models with global_pool='token'")
 
 SHAPES = ((224, 224), (224, 160))
 # name: (arch, qkv biases of the checkpoint, scale of the residual stream, input shapes)
@@ -87,7 +85,7 @@ def meta_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def case_results(meta_files, inputs):
-    """Per case: the reference outputs and the model built by eval_knn.build_eval_model, computed once."""
+    """Per case: the reference outputs and the model built by backbones.build_eval_model, computed once."""
     cache = {}
 
     def get(case):
@@ -95,7 +93,7 @@ def case_results(meta_files, inputs):
             arch, bias, scale, shapes = CASES[case]
             path, sd = meta_files[(bias, scale)]
             ref = meta.load_reference(sd)
-            model = eval_knn.build_eval_model(arch, 16, path, None, CPU)
+            model = backbones.build_eval_model(arch, 16, path, None, CPU)
             with torch.no_grad():
                 refs = {shape: ref.forward_features(inputs[shape]) for shape in shapes}
             cache[case] = (model, refs)
@@ -196,12 +194,12 @@ def test_eval_feature_is_metas_cls_token(case, case_results, inputs):
 def test_nonzero_qkv_bias_needs_the_qkvb_variant(meta_files):
     path, _ = meta_files[("qkv", 1.0)]
     with pytest.raises(utils.UserError, match=r"non-zero qkv biases.*vit_small_patch16_dinov3_qkvb"):
-        eval_knn.build_eval_model(ARCH, 16, path, None, CPU)
+        backbones.build_eval_model(ARCH, 16, path, None, CPU)
 
 
 def test_checkpoint_key_is_irrelevant_for_a_plain_state_dict(meta_files, capsys):
     path, _ = meta_files[("zero", 1.0)]
-    model, _ = utils.build_backbone(ARCH, 16)
+    model, _ = backbones.build_backbone(ARCH, 16)
     states = []
     for key in ("teacher", None, "student"):
         with torch.no_grad():
@@ -233,22 +231,18 @@ def _make_image_folder(root: Path, classes=("a", "b"), per_class=3, seed=0):
     return root
 
 
-def test_eval_knn_cli_features_are_metas_cls_tokens(tmp_path, meta_files):
+def test_eval_knn_features_are_metas_cls_tokens(tmp_path, meta_files):
     path, sd = meta_files[("zero", 1.0)]
     root = _make_image_folder(tmp_path / "imgs")
     dump = tmp_path / "feats"
-    python = REPO_ROOT / ".venv" / "bin" / "python"
-    cmd = [str(python if python.exists() else sys.executable), "eval_knn.py", "--arch", ARCH,
-           "--pretrained_weights", path, "--data_path", str(root), "--resize_size", "64", "--crop_size", "64",
-           "--dump_features", str(dump), "--nb_knn", "1", "--num_workers", "0", "--batch_size_per_gpu", "4"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"eval_knn.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert "1-NN classifier result" in proc.stdout
+    [(k, _, _)] = eval_knn.eval_knn(parse(eval_knn, "--arch", ARCH, "--pretrained_weights", path, "--data_path", root,
+                                          "--resize_size", 64, "--crop_size", 64, "--dump_features", dump,
+                                          "--nb_knn", 1, "--num_workers", 0, "--batch_size_per_gpu", 4))
+    assert k == 1
 
     ref = meta.load_reference(sd)
     transform = data.eval_transform(64, 64)
-    dataset_train, dataset_val = eval_knn.split_datasets(str(root), 64, 64)  # the script's dataset order
+    dataset_train, dataset_val = data.labeled_splits(str(root), 64, 64)  # the script's dataset order
     from PIL import Image
     for name, dataset in (("trainfeat.pth", dataset_train), ("testfeat.pth", dataset_val)):
         feats = torch.load(dump / name, weights_only=True)

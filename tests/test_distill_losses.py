@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import losses  # noqa: E402
 from losses import (CLSTokenLoss, DINOLoss, GramLoss, KoLeoLoss, SPDLoss, gram_loss, iBOTPatchLoss,  # noqa: E402
                     sinkhorn_knopp, spd_loss, sym_logm)
+import reference_dinov3_gram as ref_gram  # noqa: E402  (DINOv3's GramLoss beside this file; tests/ is on sys.path)
 
 D64 = torch.float64
 
@@ -529,13 +530,18 @@ def test_spd_teacher_gets_no_gradient():
 # --------------------------------------------------------------------------------------------------
 # Gram anchoring
 # --------------------------------------------------------------------------------------------------
-def bf_gram_loss(student, teacher):
+def bf_gram_loss(student, teacher, normalize=True, clamp_student=False, clamp_teacher=False):
+    """Per-image Gram MSE with loops; clamp_*: negative similarities of that side set to 0."""
     total, count = 0.0, 0
     for xs, xt in zip(student, teacher):
-        fs, ft = [bf_normalize(r) for r in xs], [bf_normalize(r) for r in xt]
+        fs = [bf_normalize(r) for r in xs] if normalize else xs
+        ft = [bf_normalize(r) for r in xt] if normalize else xt
         for i in range(len(fs)):
             for j in range(len(fs)):
-                total += (bf_dot(fs[i], fs[j]) - bf_dot(ft[i], ft[j])) ** 2
+                s, t = bf_dot(fs[i], fs[j]), bf_dot(ft[i], ft[j])
+                s = max(s, 0.0) if clamp_student else s
+                t = max(t, 0.0) if clamp_teacher else t
+                total += (s - t) ** 2
                 count += 1
     return total / count
 
@@ -550,11 +556,90 @@ def test_gram_loss_hand_computed():
     # same geometry at another width: 0
     q = torch.linalg.qr(_logits(30, 5, 5))[0].float()
     assert gram_loss(xs, F.pad(xs.detach() @ q, (0, 3))).item() < 1e-12
-    # remove_neg: negative similarities of both set to 0
-    fs, ft = F.normalize(xs.detach(), dim=-1), F.normalize(xt.detach(), dim=-1)
-    gs, gt = (fs @ fs.transpose(1, 2)).clamp(min=0), (ft @ ft.transpose(1, 2)).clamp(min=0)
-    assert gram_loss(xs, xt, remove_neg=True).item() == pytest.approx(((gs - gt) ** 2).mean().item(), rel=1e-5)
     assert gram_loss(xs, xt, img_level=False).shape == ()
+    # each option against the loops: remove_neg clamps both Grams, remove_only_teacher_neg only the teacher's
+    ls, lt = xs.double().tolist(), xt.double().tolist()
+    for normalize in (True, False):
+        for kw, clamp_s, clamp_t in [({}, False, False), ({"remove_neg": True}, True, True),
+                                     ({"remove_only_teacher_neg": True}, False, True)]:
+            got = gram_loss(xs, xt, normalize=normalize, **kw).item()
+            want = bf_gram_loss(ls, lt, normalize, clamp_student=clamp_s, clamp_teacher=clamp_t)
+            assert got == pytest.approx(want, rel=1e-5), (normalize, kw)
+
+
+def test_gram_loss_remove_only_teacher_neg_keeps_student_negatives():
+    """DINOv3 clamps only the teacher: a student similarity of -1/2 where the teacher's is -1/2 still costs.
+
+    Two tokens 120 degrees apart in both: G_s = G_t = [[1, -1/2], [-1/2, 1]], clamped teacher [[1, 0], [0, 1]],
+    so the loss is 2 * (1/2)^2 / 4 = 0.125 (it was 0 when the student was also clamped where the teacher < 0).
+    """
+    x = torch.tensor([[[1.0, 0.0], [-0.5, 3 ** 0.5 / 2]]])
+    xs = x.clone().requires_grad_(True)
+    loss = gram_loss(xs, x, remove_only_teacher_neg=True)
+    assert loss.item() == pytest.approx(0.125, rel=1e-6)
+    assert GramLoss(remove_only_teacher_neg=True)(x, x).item() == pytest.approx(0.125, rel=1e-6)
+    assert ref_gram.GramLoss(remove_neg=False, remove_only_teacher_neg=True)(x, x).item() == pytest.approx(0.125)
+    loss.backward()
+    assert xs.grad.abs().sum() > 1e-3  # the student's negative similarity is pushed towards 0
+    assert gram_loss(x, x, remove_neg=True).item() == 0.0 and gram_loss(x, x).item() < 1e-12
+
+
+def test_gram_loss_rejects_both_negative_options():
+    x = _logits(31, 2, 3, 4).float()
+    with pytest.raises(ValueError):
+        gram_loss(x, x, remove_neg=True, remove_only_teacher_neg=True)
+    with pytest.raises(ValueError):
+        GramLoss(remove_neg=True, remove_only_teacher_neg=True)
+    with pytest.raises(AssertionError):  # DINOv3 refuses the combination too
+        ref_gram.GramLoss(remove_neg=True, remove_only_teacher_neg=True)
+
+
+GRAM_NEG_OPTIONS = [(False, False), (True, False), (False, True)]  # (remove_neg, remove_only_teacher_neg)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("img_level", [True, False])
+@pytest.mark.parametrize("remove_neg,remove_only_teacher_neg", GRAM_NEG_OPTIONS)
+def test_gram_loss_matches_dinov3_reference(normalize, img_level, remove_neg, remove_only_teacher_neg):
+    """Loss and student gradient equal to DINOv3's GramLoss (tests/reference_dinov3_gram.py), every option.
+
+    Gaussian tokens: about half of all similarities are negative, many of them where the other side's are too.
+    """
+    xs = _logits(32, 4, 9, 6, scale=1.5).float()
+    xt = _logits(33, 4, 9, 11).float()
+    gs, gt = F.normalize(xs, dim=-1) @ F.normalize(xs, dim=-1).mT, F.normalize(xt, dim=-1) @ F.normalize(xt, dim=-1).mT
+    assert (gt < 0).float().mean() > 0.3 and ((gs < 0) & (gt < 0)).float().mean() > 0.15
+
+    ref = ref_gram.GramLoss(apply_norm=normalize, remove_neg=remove_neg,
+                            remove_only_teacher_neg=remove_only_teacher_neg)
+    ours = GramLoss(normalize=normalize, img_level=img_level, remove_neg=remove_neg,
+                    remove_only_teacher_neg=remove_only_teacher_neg)
+    xs_ref, xs_fn, xs_mod = (xs.clone().requires_grad_(True) for _ in range(3))
+    want = ref(xs_ref, xt, img_level=img_level)
+    got_fn = gram_loss(xs_fn, xt, normalize=normalize, img_level=img_level, remove_neg=remove_neg,
+                       remove_only_teacher_neg=remove_only_teacher_neg)
+    got_mod = ours(xs_mod, xt)
+    assert got_fn.shape == got_mod.shape == want.shape == ()
+    torch.testing.assert_close(got_fn, want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_mod, want.detach(), rtol=1e-5, atol=1e-7)
+    for loss, x in [(want, xs_ref), (got_fn, xs_fn), (got_mod, xs_mod)]:
+        loss.backward()
+    torch.testing.assert_close(xs_fn.grad, xs_ref.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(xs_mod.grad, xs_ref.grad, rtol=1e-4, atol=1e-7)
+    # float64 inputs: ours keeps float64, DINOv3 casts to float32; same value to float32 precision
+    got64 = gram_loss(xs.double(), xt.double(), normalize=normalize, img_level=img_level, remove_neg=remove_neg,
+                      remove_only_teacher_neg=remove_only_teacher_neg)
+    assert got64.dtype == D64 and got64.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("img_level", [True, False])
+def test_gram_loss_negative_options_change_the_value(normalize, img_level):
+    """The reference comparison above is not vacuous: on these inputs the three settings all differ."""
+    xs, xt = _logits(32, 4, 9, 6, scale=1.5).float(), _logits(33, 4, 9, 11).float()
+    values = [gram_loss(xs, xt, normalize=normalize, img_level=img_level, remove_neg=rn,
+                        remove_only_teacher_neg=rt).item() for rn, rt in GRAM_NEG_OPTIONS]
+    assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1:]) > 1e-3 * max(values)
 
 
 def test_exports():

@@ -1,6 +1,5 @@
 """eval_linear.py: the official linear probe, several heads in one pass, cached features, resume, --evaluate,
 torchrun accounting, unreadable images, flag errors, and the exact mid-epoch resume after a signal or a crash. Tiny: vit_tiny on 32-px images, a few dozen of them."""
-import argparse
 import math
 import os
 import random
@@ -14,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import backbones
 import data
 import eval_linear
 import utils
-from conftest import REPO_ROOT, assert_same_log, load_checkpoint, make_subset, read_log, run_cmd, stop_when
+from conftest import (REPO_ROOT, assert_one_error_line, assert_same_run, load_checkpoint, make_subset, parse,
+                      read_log, run_cmd, stop_when, torchrun)
 
 # 3 colours x (8 train, 5 val) images of 32 px: random vit_tiny features separate them perfectly.
 TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--resize_size", "32", "--crop_size", "32",
@@ -43,14 +44,9 @@ def colours(tmp_path_factory):
     return root
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser(parents=[eval_linear.get_args_parser()])
-    return parser.parse_args([str(a) for a in argv])
-
-
 def run(*argv):
     """eval_linear in this process (no interpreter start-up)."""
-    return eval_linear.eval_linear(parse(*argv))
+    return eval_linear.eval_linear(parse(eval_linear, *argv))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +63,7 @@ def multi_head_run(colours, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------
 def test_features_have_the_official_layout():
     torch.manual_seed(0)
-    model, _ = utils.build_backbone("vit_tiny", 16)
+    model, _ = backbones.build_backbone("vit_tiny", 16)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -76,18 +72,18 @@ def test_features_have_the_official_layout():
         output = torch.cat([x[:, 0] for x in intermediate_output], dim=-1)
         output = torch.cat((output.unsqueeze(-1), torch.mean(intermediate_output[-1][:, 1:], dim=1).unsqueeze(-1)), dim=-1)
         official = output.reshape(output.shape[0], -1)
-        heads = eval_linear.LinearHeads([False, True], 10, model.embed_dim, 1, vit=True)
-        features = eval_linear.backbone_features(model, x, 1, avgpool=True, vit=True)
+        heads = backbones.LinearHeads([False, True], 10, model.embed_dim, 1, vit=True)
+        features = backbones.linear_features(model, x, 1, avgpool=True, vit=True)
         assert torch.equal(heads.head_input(features, True), official)
         assert official.shape == (2, 2 * 192)
 
         # n_last_blocks=4 without avgpool (ViT-S): the CLS tokens of the last 4 blocks, concatenated
         intermediate_output = model.get_intermediate_layers(x, 4)
         official = torch.cat([x[:, 0] for x in intermediate_output], dim=-1)
-        heads = eval_linear.LinearHeads([False, True], 10, model.embed_dim, 4, vit=True)
-        features = eval_linear.backbone_features(model, x, 4, avgpool=True, vit=True)
+        heads = backbones.LinearHeads([False, True], 10, model.embed_dim, 4, vit=True)
+        features = backbones.linear_features(model, x, 4, avgpool=True, vit=True)
         assert torch.equal(heads.head_input(features, False), official)
-        assert torch.equal(eval_linear.backbone_features(model, x, 4, avgpool=False, vit=True), official)
+        assert torch.equal(backbones.linear_features(model, x, 4, avgpool=False, vit=True), official)
         # with avgpool (the official line fails for n > 1): the same channel-wise interleaving
         mean = intermediate_output[-1][:, 1:].mean(dim=1)
         interleaved = torch.stack([t[:, 0] for t in intermediate_output] + [mean], dim=-1).reshape(2, -1)
@@ -98,7 +94,7 @@ def test_features_have_the_official_layout():
 
 def test_linear_classifier_is_the_official_one():
     torch.manual_seed(0)
-    head = eval_linear.LinearClassifier(400, num_labels=1000)
+    head = backbones.LinearClassifier(400, num_labels=1000)
     assert set(head.state_dict()) == {"linear.weight", "linear.bias"}
     assert abs(head.linear.weight.std().item() - 0.01) < 2e-4 and abs(head.linear.weight.mean().item()) < 1e-4
     assert torch.count_nonzero(head.linear.bias) == 0
@@ -118,7 +114,7 @@ def test_heads_learn_separable_features_and_a_tiny_lr_learns_less():
     train_x, train_y = blobs(20)
     val_x, val_y = blobs(10)
     torch.manual_seed(0)
-    heads = eval_linear.LinearHeads([False, False], 3, 16, n_last_blocks=1, vit=False)
+    heads = backbones.LinearHeads([False, False], 3, 16, n_last_blocks=1, vit=False)
     optimizer = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads.heads, (1e-6, 0.5))],
                                 momentum=0.9)
     readable = torch.ones(60, dtype=torch.bool)
@@ -127,7 +123,7 @@ def test_heads_learn_separable_features_and_a_tiny_lr_learns_less():
     for epoch in range(5):
         sampler.set_epoch(epoch)
         batches = eval_linear.cached_batches(train_x, train_y, readable, list(sampler), 16)
-        stats = eval_linear.train_one_epoch(heads, optimizer, batches, 4, ["tiny", "good"], torch.device("cpu"), epoch)
+        stats = eval_linear.train_heads(heads, optimizer, batches, 4, ["tiny", "good"], torch.device("cpu"), epoch)
         first = first or stats
     val = eval_linear.validate(heads, val_x, val_y, torch.ones(30, dtype=torch.bool))
     assert val[1]["acc1"] == 100.0
@@ -144,7 +140,7 @@ def test_unreadable_rows_are_masked_out_of_loss_and_accuracy():
     expected = F.cross_entropy(output[:2], target[:2])
     assert torch.allclose(eval_linear.masked_cross_entropy(output, target, readable), expected)
     assert eval_linear.masked_cross_entropy(output, target, torch.zeros(3, dtype=torch.bool)).item() == 0.0
-    heads = eval_linear.LinearHeads([False], 2, 2, 1, vit=False)
+    heads = backbones.LinearHeads([False], 2, 2, 1, vit=False)
     with torch.no_grad():
         heads.heads[0].linear.weight.copy_(torch.eye(2))
         heads.heads[0].linear.bias.zero_()
@@ -190,13 +186,13 @@ def test_several_lrs_and_both_avgpools_in_one_pass(multi_head_run, capsys):
 
 def test_one_backbone_forward_per_batch_for_all_heads(colours, tmp_path, monkeypatch, capsys):
     calls = []
-    original = eval_linear.backbone_features
+    original = backbones.linear_features
 
     def counting(model, images, *args, **kwargs):
         calls.append(images.shape[0])
         return original(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(eval_linear, "backbone_features", counting)
+    monkeypatch.setattr(backbones, "linear_features", counting)
     run("--data_path", colours, "--output_dir", tmp_path, "--epochs", 2, "--lrs", 0.01, 0.1,
         "--avgpool_patchtokens", "both", *TINY)
     # val once (2 batches: 8 + 7 images), then 3 train batches of 8 per epoch, whatever the number of heads
@@ -283,12 +279,11 @@ def test_torchrun_two_processes_count_each_val_image_once(colours, tmp_path):
     # one process with batches of 8 = two processes with batches of 4 (same global batches, same scaled lr)
     run(*common, "--output_dir", tmp_path / "single")
     common[common.index("--batch_size_per_gpu") + 1] = 4
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             str(REPO_ROOT / "eval_linear.py"), *common, "--output_dir", tmp_path / "torchrun"],
-            env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    single, torchrun = read_log(tmp_path / "single"), read_log(tmp_path / "torchrun")
-    assert len(single) == len(torchrun) == 3
-    for a, b in zip(single, torchrun):
+    run_cmd(torchrun("eval_linear.py", *common, "--output_dir", tmp_path / "torchrun"), env={"OMP_NUM_THREADS": "1"},
+            timeout=300)
+    single, two = read_log(tmp_path / "single"), read_log(tmp_path / "torchrun")
+    assert len(single) == len(two) == 3
+    for a, b in zip(single, two):
         # 15 val images padded to 16 over 2 processes: the repeated (mislabelled) image counts once
         assert a["test_num_images"] == b["test_num_images"] == 15
         for key in ("test_acc1_lr0.01", "test_acc1_lr0.1", "test_acc1"):
@@ -316,7 +311,7 @@ def test_unreadable_images_are_named_once_and_left_out(colours, tmp_path, capsys
 def test_user_errors_end_in_one_line(colours, tmp_path):
     proc = run_cmd([sys.executable, str(REPO_ROOT / "eval_linear.py"), "--epochs", 0, "--data_path", colours,
                     "--output_dir", tmp_path], check=False)
-    assert proc.returncode == 2
+    assert_one_error_line(proc, "--epochs must be at least 1, got 0")
     assert proc.stderr.strip() == "error: --epochs must be at least 1, got 0"
     with pytest.raises(utils.UserError, match=r"--n_last_blocks 13 is larger than the depth of vit_tiny \(12"):
         run("--data_path", colours, "--output_dir", tmp_path, "--n_last_blocks", 13, *TINY)
@@ -326,7 +321,7 @@ def test_user_errors_end_in_one_line(colours, tmp_path):
     with pytest.raises(utils.UserError, match="repeated"):
         run("--data_path", colours, "--lrs", 0.1, 0.1, *TINY)
     with pytest.raises(SystemExit):  # argparse: not a boolean nor "both"
-        parse("--avgpool_patchtokens", "maybe")
+        parse(eval_linear, "--avgpool_patchtokens", "maybe")
 
 
 def test_real_cifar_subset(cifar_subset, cifar10_root, tmp_path, capsys):
@@ -364,18 +359,11 @@ def script(data_path, out_dir, *flags):
             *RESUME, *flags]
 
 
-def assert_same_run(ref, resumed):
+def assert_same_linear_run(ref, resumed):
     """The same log (but timings) and bit-identical heads, best head and optimizer state."""
-    assert_same_log(ref, resumed, TIMING_KEYS)
-    a, b = load_checkpoint(ref / "checkpoint.pth.tar"), load_checkpoint(resumed / "checkpoint.pth.tar")
-    for key in ("heads", "state_dict"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    a, b = assert_same_run(ref, resumed, "checkpoint.pth.tar", ("heads", "state_dict"), "momentum_buffer",
+                           TIMING_KEYS)
     assert a["best_head"] == b["best_head"] and a["epoch"] == b["epoch"] == 2
-    assert "position" not in b, "a finished run's checkpoint is an epoch checkpoint"
 
 
 def progress_batches(stdout, epoch):
@@ -384,15 +372,16 @@ def progress_batches(stdout, epoch):
 
 @pytest.fixture(scope="module")
 def cached_reference(colours, tmp_path_factory):
-    """The uninterrupted --cache_features run that the interrupted ones must equal."""
+    """The uninterrupted --cache_features run that the interrupted ones must equal (in this process, on one
+    thread as the others)."""
     out = tmp_path_factory.mktemp("cached_reference")
-    run_cmd(script(colours, out, "--cache_features"), env=ONE_THREAD)
+    run("--data_path", colours, "--output_dir", out, *RESUME, "--cache_features")
     return out
 
 
 def test_eval_dataset_seeds_augmentations_per_sample(colours):
     base = data.build_dataset(str(colours / "train"))
-    dataset = data.EvalDataset(base, eval_linear.train_transform(16), seed=0)
+    dataset = data.LabeledDataset(base, eval_linear.train_transform(16), seed=0)
     torch.manual_seed(1)
     first = dataset[(1, 3)][0]
     torch.manual_seed(2)
@@ -402,13 +391,13 @@ def test_eval_dataset_seeds_augmentations_per_sample(colours):
     assert torch.equal(torch.get_rng_state(), state), "the global RNG is left as it was"
     assert not torch.equal(dataset[(2, 3)][0], first), "another epoch, another crop"
     # without a seed, or with a plain index (eval_knn), nothing changes: the global RNG draws
-    unseeded = data.EvalDataset(base, eval_linear.train_transform(16))
+    unseeded = data.LabeledDataset(base, eval_linear.train_transform(16))
     unseeded[(1, 3)]
     assert not torch.equal(torch.get_rng_state(), state)
     assert dataset[3][1] == dataset[(1, 3)][1] == base.samples[3][1]
 
 
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(colours, cached_reference, tmp_path):
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(colours, cached_reference, tmp_path, capsys):
     stopped = tmp_path / "stopped"
     cmd = script(colours, stopped, "--cache_features")
     code, out = stop_when(cmd, r"Epoch: \[0\]\s+\[ 1/24\]", lambda p: os.killpg(p.pid, signal.SIGTERM))
@@ -432,18 +421,20 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(colours, cached_refe
     with pytest.raises(utils.UserError, match=r"in the middle of epoch 0 by 2 processes .* resume it with the same"):
         run("--data_path", colours, "--output_dir", other, *RESUME, "--cache_features")
 
-    proc = run_cmd(cmd, env=ONE_THREAD)
-    assert f"Resuming epoch 0 at batch {batches} of 24" in proc.stdout
+    capsys.readouterr()
+    run("--data_path", colours, "--output_dir", stopped, *RESUME, "--cache_features")  # again, in this process
+    stdout = capsys.readouterr().out
+    assert f"Resuming epoch 0 at batch {batches} of 24" in stdout
     # the consumed batches are not trained again: the epoch goes on at the next one
-    assert progress_batches(proc.stdout, 0) == list(range(batches, 24))
-    assert_same_run(cached_reference, stopped)
+    assert progress_batches(stdout, 0) == list(range(batches, 24))
+    assert_same_linear_run(cached_reference, stopped)
 
 
 def test_augmented_images_with_workers_resume_exactly(colours, tmp_path):
     """The image path: RandomResizedCrop and flips in 2 data-loader workers, stopped by SLURM's SIGUSR2. The
     reference loads in the main process: the augmentations depend on neither the workers nor the resume."""
     ref, stopped = tmp_path / "ref", tmp_path / "stopped"
-    run_cmd(script(colours, ref, "--num_workers", 0), env=ONE_THREAD)
+    run("--data_path", colours, "--output_dir", ref, *RESUME, "--num_workers", 0)
     cmd = script(colours, stopped, "--num_workers", 2)
     code, out = stop_when(cmd, r"Epoch: \[1\]\s+\[ 1/24\]", lambda p: os.killpg(p.pid, signal.SIGUSR2))
     assert code == 128 + signal.SIGUSR2, out[-3000:]
@@ -455,10 +446,10 @@ def test_augmented_images_with_workers_resume_exactly(colours, tmp_path):
     proc = run_cmd(cmd, env=ONE_THREAD)
     assert f"Resuming epoch 1 at batch {batches} of 24" in proc.stdout
     assert progress_batches(proc.stdout, 1) == list(range(batches, 24))
-    assert_same_run(ref, stopped)
+    assert_same_linear_run(ref, stopped)
 
 
-def test_kill9_after_periodic_mid_epoch_checkpoint(colours, cached_reference, tmp_path):
+def test_kill9_after_periodic_mid_epoch_checkpoint(colours, cached_reference, tmp_path, capsys):
     """--saveckp_every_iters: a crash without any signal loses at most that many iterations."""
     killed = tmp_path / "killed"
     cmd = script(colours, killed, "--cache_features", "--saveckp_every_iters", 5)
@@ -468,6 +459,7 @@ def test_kill9_after_periodic_mid_epoch_checkpoint(colours, cached_reference, tm
     assert code == -signal.SIGKILL
     ckpt = load_checkpoint(killed / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["position"]["batches"] in (11, 16, 21)
-    proc = run_cmd(cmd, env=ONE_THREAD)
-    assert f"Resuming epoch 1 at batch {ckpt['position']['batches']} of 24" in proc.stdout
-    assert_same_run(cached_reference, killed)
+    capsys.readouterr()
+    run("--data_path", colours, "--output_dir", killed, *RESUME, "--cache_features", "--saveckp_every_iters", 5)
+    assert f"Resuming epoch 1 at batch {ckpt['position']['batches']} of 24" in capsys.readouterr().out
+    assert_same_linear_run(cached_reference, killed)

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 import official_dino as ref  # the reference beside this file (pytest puts tests/ on sys.path)
-from conftest import REPO_ROOT
-from test_official_compat import official_vit_keys, perturbed_state
+from conftest import REPO_ROOT, official_vit_keys, perturbed_state
 
 ENTRY_POINTS = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50", "dino_head",
                 "dino_vits16_lc", "dino_vits8_lc", "dino_vitb16_lc", "dino_vitb8_lc", "dino_resnet50_lc"]

@@ -1,30 +1,33 @@
-"""End to end: main_dino.py on a small CIFAR-10 subset, single process and 2-process torchrun (gloo)."""
-import os
-import signal
-import subprocess
-import sys
-import time
+"""main_dino.py: the outputs of a run (the official checkpoint format), CPU bf16, 2-process torchrun, gradient
+accumulation, torchvision and timm backbones, bad images, flag errors, a non-finite loss, and resuming from an
+official checkpoint. The interrupted and resumed runs are in test_resume.py and test_faults.py.
+
+Runs whose outputs several tests read are conftest.py's `dino_reference` and `torchrun_reference`. Runs that only
+check what happens inside training call `train_dino` in this process; one flag error runs the script, for the
+exit code and the one-line message."""
+import argparse
+import re
+import shutil
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, read_log, run_cmd, script
-
-# Small but real: 32-px CIFAR images, vit_tiny/8, 2 x 32 px global + 2 x 16 px local crops.
-FAST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-        "--local_crops_number", "2", "--out_dim", "256", "--batch_size_per_gpu", "16", "--warmup_epochs", "1",
-        "--print_freq", "2", "--saveckp_freq", "1"]
-
-
-def main_dino(*args):
-    return script("main_dino.py", *args)
+import main_dino
+import runtime
+import utils
+from conftest import (DINO_FAST, after_first_epoch, assert_one_error_line, main_dino as main_dino_cmd, parse,
+                      read_log, reference_flags, run_cmd, with_flags)
 
 
-def test_single_process_run_writes_official_outputs(cifar_subset, tmp_path):
-    out = tmp_path / "run"
-    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 2, "--num_workers", 0, *FAST))
-    assert "Precision: fp32 (CPU" in proc.stdout
-    assert f"Checkpoint: {out / 'checkpoint.pth'}" in proc.stdout
+def train(*argv):
+    """main_dino.py's training in this process."""
+    return main_dino.train_dino(parse(main_dino, *argv))
+
+
+def test_single_process_run_writes_official_outputs(dino_reference):
+    out, stdout = dino_reference
+    assert "Precision: fp32 (CPU" in stdout
+    assert f"Checkpoint: {out / 'checkpoint.pth'}" in stdout
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
     for r in log:
@@ -50,12 +53,20 @@ def test_single_process_run_writes_official_outputs(cifar_subset, tmp_path):
     assert not torch.equal(ckpt["teacher"]["backbone.cls_token"], torch.zeros(1, 1, 192))
 
 
-def test_cpu_bf16_autocast_run(cifar_subset, tmp_path):
+def test_stale_log_without_checkpoint_is_kept_aside(dino_reference):
+    """`dino_reference` started in a folder holding the log.txt of an earlier run and no checkpoint."""
+    out, stdout = dino_reference
+    assert "the previous log.txt is now log.txt.old" in stdout
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    assert (out / "log.txt.old").read_text().count("\n") == 2
+
+
+def test_cpu_bf16_autocast_run(cifar_40, tmp_path, capsys):
     """--amp_dtype bf16 turns on bf16 autocast on CPU; weights, optimizer state and the centre stay fp32."""
     out = tmp_path / "run"
-    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
-                             "--amp_dtype", "bf16", *FAST))
-    assert "Precision: bf16 autocast on CPU" in proc.stdout
+    train("--data_path", cifar_40, "--output_dir", out, "--epochs", 1, "--amp_dtype", "bf16",
+          *with_flags(DINO_FAST, batch_size_per_gpu=8))
+    assert "Precision: bf16 autocast on CPU" in capsys.readouterr().out
     log = read_log(out)
     assert len(log) == 1 and 0 < log[0]["train_loss"] < 100
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
@@ -66,121 +77,45 @@ def test_cpu_bf16_autocast_run(cifar_subset, tmp_path):
 
 
 def test_precision_setup_choices():
-    import utils
-
     for amp in ("auto", "fp16"):
-        autocast, scaler, desc = utils.precision_setup(torch.device("cpu"), True, amp)
+        autocast, scaler, desc = runtime.precision_setup(torch.device("cpu"), True, amp)
         assert desc.startswith("fp32 (CPU") and scaler is None
         with autocast():
             assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    autocast, scaler, desc = utils.precision_setup(torch.device("cpu"), True, "bf16")
+    autocast, scaler, desc = runtime.precision_setup(torch.device("cpu"), True, "bf16")
     assert desc.startswith("bf16 autocast on CPU") and scaler is None
     with autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
-    assert utils.precision_setup(torch.device("cpu"), False, "bf16")[2] == "fp32 (--use_fp16 false)"
+    assert runtime.precision_setup(torch.device("cpu"), False, "bf16")[2] == "fp32 (--use_fp16 false)"
 
 
-def _kill_after_first_checkpoint(cmd, out, timeout=300):
-    """Start `cmd`, SIGKILL it as soon as the first checkpoint exists; return the epoch it holds."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + timeout
-    while not (out / "checkpoint.pth").exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before its first checkpoint: {proc.stderr.read().decode()[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("no checkpoint within the time limit")
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the process and its data-loader workers, at once
-    proc.wait()
-    return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"]
-
-
-def test_kill9_then_resume_equals_uninterrupted(cifar_subset, tmp_path):
-    """kill -9 after an epoch, start the same command again: same losses and same teacher weights."""
-    common = ["--data_path", cifar_subset, "--epochs", 3, "--num_workers", 2, *FAST]
-    ref, interrupted = tmp_path / "ref", tmp_path / "interrupted"
-    run_cmd(main_dino(*common, "--output_dir", ref))
-
-    killed_at = _kill_after_first_checkpoint(main_dino(*common, "--output_dir", interrupted), interrupted)
-    assert killed_at < 3, "the run finished before it could be killed: make the epochs longer"
-    proc = run_cmd(main_dino(*common, "--output_dir", interrupted))
-    assert "Found checkpoint at" in proc.stdout
-
-    ref_log, res_log = read_log(ref), read_log(interrupted)
-    assert [r["epoch"] for r in res_log] == [0, 1, 2], "every epoch logged exactly once"
-    for a, b in zip(ref_log, res_log):
-        for key in ("train_loss", "train_lr", "train_wd"):
-            assert a[key] == b[key], (key, a, b)
-    ref_ckpt = torch.load(ref / "checkpoint.pth", map_location="cpu", weights_only=True)
-    res_ckpt = torch.load(interrupted / "checkpoint.pth", map_location="cpu", weights_only=True)
-    for key in ("teacher", "student"):
-        for name, value in ref_ckpt[key].items():
-            assert torch.equal(value, res_ckpt[key][name]), f"{key}.{name} differs after resume"
-    assert torch.equal(ref_ckpt["dino_loss"]["center"], res_ckpt["dino_loss"]["center"])
-
-
-def test_torchrun_two_processes(cifar_subset, tmp_path):
-    out = tmp_path / "ddp"
-    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    REPO_ROOT / "main_dino.py", "--data_path", cifar_subset, "--output_dir", out, "--epochs", 2,
-                    "--num_workers", 1, *FAST])
-    assert "distributed init (rank 0/2, gloo)" in proc.stdout
+def test_torchrun_two_processes(torchrun_reference):
+    out, stdout = torchrun_reference
+    assert "distributed init (rank 0/2, gloo)" in stdout
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
-    # 160 images, 16 per process and step, 2 processes: 5 steps per epoch.
-    assert "5 optimizer steps per epoch" in proc.stdout
+    # 40 images, 4 per process and step, 2 processes: 5 steps per epoch.
+    assert "5 optimizer steps per epoch" in stdout
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["args"]["world_size"] == 2 and len(ckpt["rng_states"]) == 2
     assert all(k.startswith("module.") for k in ckpt["student"])
 
 
-def test_gradient_accumulation_counts_optimizer_steps(cifar_subset, tmp_path):
+def test_gradient_accumulation_counts_optimizer_steps(cifar_40, tmp_path, capsys):
     out = tmp_path / "accum"
-    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
-                             "--grad_accum_steps", 2, *FAST))
-    # 160 images / 16 per batch = 10 batches = 5 optimizer steps
-    assert "5 optimizer steps per epoch" in proc.stdout
+    train("--data_path", cifar_40, "--output_dir", out, "--epochs", 1, "--grad_accum_steps", 2, *DINO_FAST)
+    # 40 images / 4 per batch = 10 batches = 5 optimizer steps
+    assert "5 optimizer steps per epoch" in capsys.readouterr().out
     assert len(read_log(out)) == 1
 
 
-def _corrupt_dataset(src, dst, n_bad):
-    import shutil
-    shutil.copytree(src, dst)
-    classes = sorted(p for p in dst.iterdir() if p.is_dir())
-    bad = []
-    for i in range(n_bad):
-        target = classes[i % len(classes)] / f"broken_{i}.jpg"
-        if i % 3 == 0:
-            target.write_bytes(b"")  # empty
-        elif i % 3 == 1:
-            target.write_text("this is not an image")
-        else:
-            good = next(classes[0].iterdir()).read_bytes()
-            target.write_bytes(good[: len(good) // 3])  # truncated JPEG
-        bad.append(target)
-    return bad
-
-
-def test_bad_images_are_skipped_reported_and_counted(cifar_subset, tmp_path):
-    bad = _corrupt_dataset(cifar_subset, tmp_path / "data", n_bad=3)
-    out = tmp_path / "run"
-    proc = run_cmd(main_dino("--data_path", tmp_path / "data", "--output_dir", out, "--epochs", 1, "--num_workers", 2,
-                             "--max_bad_images_fraction", 0.05, *FAST))
-    for path in bad:
-        assert proc.stdout.count(f"skipped unreadable image {path}") == 1, proc.stdout[-3000:]
-    # 163 images, 160 used per epoch (drop_last): almost surely all 3 bad files were drawn
-    assert read_log(out)[0]["train_bad_images"] in (2, 3)
-
-
-def test_too_many_bad_images_stops_with_clear_message(cifar_subset, tmp_path):
-    _corrupt_dataset(cifar_subset, tmp_path / "data", n_bad=12)
-    proc = run_cmd(main_dino("--data_path", tmp_path / "data", "--output_dir", tmp_path / "run", "--epochs", 1,
-                             "--num_workers", 0, "--max_bad_images_fraction", 0.01, *FAST), check=False)
-    assert proc.returncode == 2
-    assert "unreadable images out of" in proc.stderr and "--max_bad_images_fraction" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_too_many_bad_images_stops_with_clear_message(cifar_40, tmp_path):
+    shutil.copytree(cifar_40, tmp_path / "data")
+    for i, class_dir in enumerate(sorted(p for p in (tmp_path / "data").iterdir() if p.is_dir())):
+        (class_dir / f"broken_{i}.jpg").write_text("this is not an image")
+    with pytest.raises(utils.UserError, match="unreadable images out of .*--max_bad_images_fraction"):
+        train("--data_path", tmp_path / "data", "--output_dir", tmp_path / "run", "--epochs", 1,
+              "--max_bad_images_fraction", 0.01, *DINO_FAST)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -192,79 +127,76 @@ def test_too_many_bad_images_stops_with_clear_message(cifar_subset, tmp_path):
     (["--batch_size_per_gpu", "0"], "--batch_size_per_gpu must be at least 1"),
     (["--batch_size_per_gpu", "1000"], "are not enough for one step"),
 ])
-def test_bad_flags_give_one_clear_error(cifar_subset, tmp_path, flags, message):
-    args = ["--data_path", cifar_subset, "--output_dir", tmp_path / "run", "--epochs", 1, "--num_workers", 0, *FAST]
-    args += flags  # later flags win
-    proc = run_cmd(main_dino(*args), check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_flags_give_one_clear_error(cifar_40, tmp_path, flags, message):
+    args = ["--data_path", cifar_40, "--output_dir", tmp_path / "run", "--epochs", 1, *DINO_FAST]
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        train(*args, *flags)  # later flags win
 
 
-def test_bad_boolean_flag_is_an_argparse_error(tmp_path):
-    proc = run_cmd(main_dino("--norm_last_layer", "maybe"), check=False)
-    assert proc.returncode == 2 and "invalid value for a boolean flag" in proc.stderr
+def test_a_flag_error_from_the_command_line_is_one_line_and_exit_code_2(cifar_40, tmp_path):
+    proc = run_cmd(main_dino_cmd("--data_path", cifar_40, "--output_dir", tmp_path / "run", *DINO_FAST,
+                                 "--global_crops_scale", "0.5"), check=False)
+    assert_one_error_line(proc, "--global_crops_scale takes two numbers")
 
 
-def test_unwritable_output_dir_fails_before_training(cifar_subset, tmp_path):
+def test_bad_boolean_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(main_dino, "--norm_last_layer", "maybe")
+    assert e.value.code == 2 and "invalid value for a boolean flag" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_fails_before_training(cifar_40, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", blocker / "sub", "--epochs", 1,
-                             "--num_workers", 0, *FAST), check=False)
-    assert proc.returncode == 2 and "is not writable" in proc.stderr
-    assert "Starting DINO training" not in proc.stdout
+    with pytest.raises(utils.UserError, match="is not writable"):
+        train("--data_path", cifar_40, "--output_dir", blocker / "sub", "--epochs", 1, *DINO_FAST)
+    assert "Starting DINO training" not in capsys.readouterr().out
 
 
-def test_nonfinite_loss_stops_with_advice_and_keeps_last_good_checkpoint(cifar_subset, tmp_path):
-    out = tmp_path / "run"
-    common = ["--data_path", cifar_subset, "--output_dir", out, "--num_workers", 0, *FAST]
-    run_cmd(main_dino(*common, "--epochs", 1))
+def test_nonfinite_loss_stops_with_advice_and_keeps_last_good_checkpoint(cifar_40, dino_reference, tmp_path):
+    # The reference run after its first epoch, continued with an absurd learning rate: the loss turns non-finite.
+    out = after_first_epoch(dino_reference[0], tmp_path / "run")
     good = (out / "checkpoint.pth").read_bytes()
-    # Same run continued for a second epoch with an absurd learning rate: the loss turns non-finite.
-    proc = run_cmd(main_dino(*common, "--epochs", 2, "--lr", "1e38", "--warmup_epochs", 0, "--clip_grad", 0,
-                             "--freeze_last_layer", 0), check=False)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
-    assert "Loss is nan" in proc.stderr or "Loss is inf" in proc.stderr
-    assert "lower --lr" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(utils.UserError) as e:
+        train(*reference_flags(cifar_40, out, "--lr", "1e38", "--warmup_epochs", 0, "--clip_grad", 0,
+                               "--freeze_last_layer", 0))
+    assert "Loss is nan" in str(e.value) or "Loss is inf" in str(e.value)
+    assert "lower --lr" in str(e.value)
     assert (out / "checkpoint.pth").read_bytes() == good, "the last good checkpoint was overwritten"
     assert [r["epoch"] for r in read_log(out)] == [0]
 
 
-def test_resume_from_official_format_checkpoint(cifar_subset, tmp_path):
+def test_resume_from_official_format_checkpoint(cifar_40, dino_reference, tmp_path, capsys):
     """A checkpoint as the official main_dino.py writes it (args as argparse.Namespace, fp16_scaler, no RNG
     state or log history) resumes."""
-    import argparse
-    out = tmp_path / "run"
-    common = ["--data_path", cifar_subset, "--output_dir", out, "--num_workers", 0, *FAST]
-    run_cmd(main_dino(*common, "--epochs", 1))
+    out = after_first_epoch(dino_reference[0], tmp_path / "run")
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     official = {k: ckpt[k] for k in ("student", "teacher", "optimizer", "epoch", "dino_loss")}
     official["args"] = argparse.Namespace(**ckpt["args"])
     official["fp16_scaler"] = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                "growth_interval": 2000, "_growth_tracker": 0}
     torch.save(official, out / "checkpoint.pth")
-    proc = run_cmd(main_dino(*common, "--epochs", 2))
-    assert "=> loaded 'student'" in proc.stdout and "=> loaded 'teacher'" in proc.stdout
+    train(*reference_flags(cifar_40, out))
+    stdout = capsys.readouterr().out
+    assert "=> loaded 'student'" in stdout and "=> loaded 'teacher'" in stdout
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224"])
-def test_torchvision_and_timm_backbones(cifar_subset, tmp_path, arch):
+def test_torchvision_and_timm_backbones(cifar_40, tmp_path, arch):
     out = tmp_path / arch
-    flags = [f for f in FAST]
-    flags[flags.index("--arch") + 1] = arch
-    flags[flags.index("--patch_size") + 1] = "16"
-    run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
-                      "--optimizer", "sgd", "--lr", "0.03", *flags))
+    train("--data_path", cifar_40, "--output_dir", out, "--epochs", 1, "--optimizer", "sgd", "--lr", "0.03",
+          *with_flags(DINO_FAST, arch=arch, patch_size=16, batch_size_per_gpu=8))
     assert len(read_log(out)) == 1
 
 
-def test_stale_log_without_checkpoint_is_kept_aside(cifar_subset, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "log.txt").write_text('{"train_loss": 1.0, "epoch": 0}\n{"train_loss": 0.5, "epoch": 1}\n')
-    proc = run_cmd(main_dino("--data_path", cifar_subset, "--output_dir", out, "--epochs", 1, "--num_workers", 0,
-                             *FAST))
-    assert "the previous log.txt is now log.txt.old" in proc.stdout
-    assert [r["epoch"] for r in read_log(out)] == [0]
-    assert (out / "log.txt.old").read_text().count("\n") == 2
+def test_a_crop_size_too_small_for_the_backbone_stops_at_start_up_naming_the_flag():
+    """A timm convnet with 32x downsampling cannot take 16 px local crops: one message before training, with
+    the smallest size that works, instead of a traceback from F.conv2d in the first step."""
+    import backbones
+
+    model, _ = backbones.build_backbone("convnext_atto")
+    with pytest.raises(utils.UserError, match="--local_crops_size 16 .*use --local_crops_size 32 or more"):
+        backbones.check_input_sizes(model, {"--global_crops_size": 32, "--local_crops_size": 16}, "convnext_atto")
+    assert model.training  # left as it was
+    backbones.check_input_sizes(model, {"--global_crops_size": 64, "--local_crops_size": 32}, "convnext_atto")

@@ -1,55 +1,27 @@
 """main_distill.py: teachers of every kind, the five losses logged, resume with the same teacher only,
 one and two processes, and the student evaluated by eval_knn.py."""
-import sys
+import shutil
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO_ROOT, read_log, run_cmd
+from conftest import (DISTILL_LOSSES as LOSSES, assert_one_error_line, distill_cmd, distill_flags, image_folder,
+                      main_dino_teacher, parse, read_log, run_cmd, torchrun)
+import eval_knn
 import main_distill
+import backbones
 import utils
-import vision_transformer as vits
-
-PY = sys.executable
-LOSSES = ("train_dino_loss", "train_ibot_loss", "train_koleo_loss", "train_cls_loss", "train_spd_loss")
 
 
-def image_folder(root, n_per_class=4, size=40, classes=("a", "b"), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            arr = (torch.rand(size, size, 3, generator=g) * 255).byte().numpy()
-            Image.fromarray(arr).save(root / c / f"{i}.png")
-    return root
+def train(*argv):
+    """main_distill.py's training in this process."""
+    return main_distill.train_distill(parse(main_distill, *argv))
 
 
-def main_dino_teacher(path, seed=0, out_dim=64):
-    """A main_dino.py-style checkpoint of a ViT-Tiny/16 teacher (MultiCropWrapper keys, with its head)."""
-    torch.manual_seed(seed)
-    wrapper = utils.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, out_dim))
-    torch.save({"teacher": wrapper.state_dict(), "student": {}, "epoch": 1, "args": {}}, path)
-    return wrapper
-
-
-def distill_cmd(data, out, teacher, *extra, teacher_arch="vit_tiny"):
-    return [PY, REPO_ROOT / "main_distill.py", "--data_path", data, "--output_dir", out, "--arch", "vit_tiny",
-            "--patch_size", "16", "--teacher_arch", teacher_arch, "--teacher_weights", teacher,
-            "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "1",
-            "--mask_patch_size", "16", "--mask_probability", "1", "--out_dim", "64", "--batch_size_per_gpu", "4",
-            "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", *map(str, extra)]
-
-
-def test_distill_two_iterations_logs_every_loss_and_student_evaluates(tmp_path):
-    data = image_folder(tmp_path / "data" / "train")
-    image_folder(tmp_path / "data" / "val", n_per_class=2, seed=1)
-    main_dino_teacher(tmp_path / "teacher.pth")
-    out = tmp_path / "run"
-    proc = run_cmd(distill_cmd(data, out, tmp_path / "teacher.pth", "--epochs", "2",
-                               "--knn_data_path", tmp_path / "data"))
-    assert "Loaded the 'head.*' weights" in proc.stdout  # the teacher's DINO head comes from its checkpoint
-    assert "Online 20-NN of the student" in proc.stdout
+def test_distill_two_iterations_logs_every_loss_and_student_evaluates(distill_run, capsys):
+    data, out, stdout = distill_run
+    assert "Loaded the 'head.*' weights" in stdout  # the teacher's DINO head comes from its checkpoint
+    assert "Online 20-NN of the student" in stdout
     records = read_log(out)
     assert len(records) == 2
     for r in records:
@@ -61,53 +33,55 @@ def test_distill_two_iterations_logs_every_loss_and_student_evaluates(tmp_path):
     assert "module.backbone.mask_token" in student_keys and "module.cls_loss.proj.weight" in student_keys
     assert set(ckpt) >= {"student", "optimizer", "dino_loss", "ibot_loss", "epoch", "args", "log_history"}
     # the distilled student is evaluated as is
-    knn = run_cmd([PY, REPO_ROOT / "eval_knn.py", "--arch", "vit_tiny", "--pretrained_weights", out / "checkpoint.pth",
-                   "--checkpoint_key", "student", "--data_path", tmp_path / "data", "--resize_size", "32",
-                   "--crop_size", "32", "--nb_knn", "2", "--num_workers", "0"])
-    assert "2-NN classifier result" in knn.stdout and "WARNING" not in knn.stdout
+    capsys.readouterr()
+    eval_knn.eval_knn(parse(eval_knn, "--arch", "vit_tiny", "--pretrained_weights", out / "checkpoint.pth",
+                            "--checkpoint_key", "student", "--data_path", data, "--resize_size", "32", "--crop_size",
+                            "32", "--nb_knn", "2", "--num_workers", "0"))
+    knn = capsys.readouterr().out
+    assert "2-NN classifier result" in knn and "WARNING" not in knn
 
 
-def test_distill_cpu_bf16_autocast(tmp_path):
+def test_distill_cpu_bf16_autocast(tmp_path, capsys):
     """With --amp_dtype bf16 on CPU the five losses (SPD's float64 eigendecomposition included) stay finite."""
     data = image_folder(tmp_path / "data" / "train")
     main_dino_teacher(tmp_path / "teacher.pth")
-    proc = run_cmd(distill_cmd(data, tmp_path / "run", tmp_path / "teacher.pth", "--amp_dtype", "bf16"))
-    assert "Precision: bf16 autocast on CPU" in proc.stdout
+    train(*distill_flags(data, tmp_path / "run", tmp_path / "teacher.pth", "--amp_dtype", "bf16"))
+    assert "Precision: bf16 autocast on CPU" in capsys.readouterr().out
     (record,) = read_log(tmp_path / "run")
     for key in LOSSES:
         assert record[key] == record[key] and abs(record[key]) < 1e6, (key, record)
 
 
-def test_resume_needs_the_same_teacher(tmp_path):
-    data = image_folder(tmp_path / "train")
-    main_dino_teacher(tmp_path / "t1.pth", seed=0)
-    main_dino_teacher(tmp_path / "t2.pth", seed=1)
+def test_resume_needs_the_same_teacher(distill_run, tmp_path, capsys):
+    data, run, _ = distill_run
     out = tmp_path / "run"
-    run_cmd(distill_cmd(data, out, tmp_path / "t1.pth"))
-    proc = run_cmd(distill_cmd(data, out, tmp_path / "t2.pth", "--epochs", "2"), check=False)
-    assert proc.returncode == 2 and "was trained with another teacher" in proc.stderr, proc.stderr
-    proc = run_cmd(distill_cmd(data, out, tmp_path / "t1.pth", "--epochs", "2"))
-    assert "Found checkpoint" in proc.stdout and len(read_log(out)) == 2
+    out.mkdir()
+    shutil.copy(run / "checkpoint.pth", out / "checkpoint.pth")
+    main_dino_teacher(tmp_path / "t2.pth", seed=1)  # distill_run's teacher has seed 0
+    with pytest.raises(utils.UserError, match="was trained with another teacher"):
+        train(*distill_flags(data / "train", out, tmp_path / "t2.pth", "--epochs", "3"))
+    capsys.readouterr()
+    train(*distill_flags(data / "train", out, run.parent / "teacher.pth", "--epochs", "3"))
+    assert "Found checkpoint" in capsys.readouterr().out and len(read_log(out)) == 3
 
 
 def test_distill_two_processes(tmp_path):
     data = image_folder(tmp_path / "train", n_per_class=8)
     main_dino_teacher(tmp_path / "teacher.pth")
     out = tmp_path / "run"
-    run_cmd([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             *distill_cmd(data, out, tmp_path / "teacher.pth", "--centering", "sinkhorn_knopp",
-                          "--ibot_separate_head", "true")[1:]], timeout=600)
+    run_cmd(torchrun("main_distill.py", *distill_flags(data, out, tmp_path / "teacher.pth", "--centering",
+                                                        "sinkhorn_knopp", "--ibot_separate_head", "true")))
     (record,) = read_log(out)
     assert all(record[k] == record[k] for k in LOSSES)
 
 
-def test_meta_dinov3_teacher(tmp_path):
+def test_meta_dinov3_teacher(tmp_path, capsys):
     meta = pytest.importorskip("meta_dinov3")
     torch.save(meta.make_meta_state_dict(seed=0), tmp_path / "dinov3_vits16.pth")
     data = image_folder(tmp_path / "train")
-    proc = run_cmd(distill_cmd(data, tmp_path / "run", tmp_path / "dinov3_vits16.pth",
-                               teacher_arch="vit_small_patch16_dinov3"))
-    assert "Teacher DINO head: initialised from a fixed seed and frozen" in proc.stdout
+    train(*distill_flags(data, tmp_path / "run", tmp_path / "dinov3_vits16.pth",
+                         teacher_arch="vit_small_patch16_dinov3"))
+    assert "Teacher DINO head: initialised from a fixed seed and frozen" in capsys.readouterr().out
     (record,) = read_log(tmp_path / "run")
     assert all(record[k] == record[k] for k in LOSSES)
 
@@ -119,7 +93,7 @@ def test_teacher_tokens_are_meta_tokens(tmp_path):
     torch.save(sd, tmp_path / "m.pth")
     reference = meta.dinov3_vits16()
     reference.load_state_dict(sd)
-    model, _ = utils.build_backbone("vit_small_patch16_dinov3")
+    model, _ = backbones.build_backbone("vit_small_patch16_dinov3")
     utils.load_pretrained_weights(model, str(tmp_path / "m.pth"), None)
     x = torch.randn(2, 3, 64, 48)
     cls, patches, grid = main_distill.tokens_and_grid(model.eval(), x)
@@ -150,7 +124,10 @@ def test_resample_patch_tokens_to_the_student_grid():
     (["--allow_random_teacher", "true", "--koleo_loss_weight", "-1"], "--koleo_loss_weight"),
 ])
 def test_flag_errors(tmp_path, extra, message):
-    cmd = distill_cmd(tmp_path, tmp_path / "run", "")
-    proc = run_cmd(cmd + extra, check=False, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(utils.UserError, match=message):
+        train(*distill_flags(tmp_path, tmp_path / "run", ""), *extra)
+
+
+def test_a_flag_error_from_the_command_line_is_one_line_and_exit_code_2(tmp_path):
+    proc = run_cmd(distill_cmd(tmp_path, tmp_path / "run", ""), check=False, timeout=120)
+    assert_one_error_line(proc, "--teacher_weights is required")

@@ -1,4 +1,5 @@
-"""data.py, iBOT block masking: MaskingGenerator, BlockMaskSampler, MaskedCrops, seeded loading of masks.
+"""masking.py, iBOT block masking: MaskingGenerator, BlockMaskSampler, MaskedCrops; seeded loading of masks
+(data.py).
 
 CPU only, small images generated in tmp_path; a few seconds.
 """
@@ -10,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import augmentations
 import data
+import masking
 import utils
 
 
@@ -58,7 +61,7 @@ def test_generator_blocks_are_dinov2s():
     for (h, w), max_n in [((14, 14), 98), ((7, 7), 24.5), ((5, 9), None)]:
         for trial in range(60):
             n = (trial * 7) % (h * w // 2 + 1)
-            gen = data.MaskingGenerator((h, w), num_masking_patches=n if max_n is None else None,
+            gen = masking.MaskingGenerator((h, w), num_masking_patches=n if max_n is None else None,
                                         max_num_patches=max_n)
             random.seed(trial)
             ref = reference_blocks(h, w, n, max_num_patches=max_n)
@@ -72,7 +75,7 @@ def test_generator_blocks_are_dinov2s():
 @pytest.mark.parametrize("shape", [(14, 14), (7, 7), (4, 6), (2, 2), (1, 1), (3, 1)])
 def test_generator_count_is_exact(shape):
     h, w = shape
-    gen = data.MaskingGenerator(shape, max_num_patches=max(1, 0.5 * h * w))
+    gen = masking.MaskingGenerator(shape, max_num_patches=max(1, 0.5 * h * w))
     rng = random.Random(sum(shape))
     asks = [0, h * w, h * w - 1] + [rng.randint(0, h * w) for _ in range(300)]
     for n in asks:
@@ -83,13 +86,13 @@ def test_generator_count_is_exact(shape):
         gen(h * w + 1)
     with pytest.raises(ValueError):
         gen(-1)
-    assert data.MaskingGenerator(5).get_shape() == (5, 5)
+    assert masking.MaskingGenerator(5).get_shape() == (5, 5)
 
 
 def test_generator_mostly_blocks():
     """With DINOv2's setting (14x14, blocks of 4 to 98 patches) the top-up is seldom needed and small:
     the masks are made of blocks, not scattered cells."""
-    gen = data.MaskingGenerator(14, max_num_patches=98)
+    gen = masking.MaskingGenerator(14, max_num_patches=98)
     rng = random.Random(0)
     short, added, isolated, total = 0, 0, 0, 0
     for _ in range(500):
@@ -111,7 +114,7 @@ def test_block_is_rectangle_with_aspect_in_range():
     sqrt(area / aspect) of an area in [min, max] and an aspect in [min_aspect, 1 / min_aspect]; the
     aspect is log-uniform (tall and wide blocks alike, mean log-aspect ~ 0)."""
     min_area, max_area, min_aspect = 16, 200, 0.3
-    gen = data.MaskingGenerator(40, min_num_patches=min_area, max_num_patches=max_area, min_aspect=min_aspect)
+    gen = masking.MaskingGenerator(40, min_num_patches=min_area, max_num_patches=max_area, min_aspect=min_aspect)
     rng = random.Random(3)
     log_aspects = []
     for _ in range(400):
@@ -133,7 +136,7 @@ def test_block_is_rectangle_with_aspect_in_range():
 
 
 def test_block_never_exceeds_what_is_left():
-    gen = data.MaskingGenerator(10, min_num_patches=4, max_num_patches=50)
+    gen = masking.MaskingGenerator(10, min_num_patches=4, max_num_patches=50)
     rng = random.Random(1)
     for left in (1, 2, 3, 5, 9):
         for _ in range(50):
@@ -148,13 +151,13 @@ def test_block_never_exceeds_what_is_left():
 # BlockMaskSampler
 # ----------------------------------------------------------------------------------------------------
 def test_parse_mask_ratio():
-    assert data.parse_mask_ratio(0.4) == (0.4, 0.4)
-    assert data.parse_mask_ratio([0.4]) == (0.4, 0.4)
-    assert data.parse_mask_ratio((0.1, 0.5)) == (0.1, 0.5)
-    assert data.parse_mask_ratio(0) == (0.0, 0.0)
+    assert masking.parse_mask_ratio(0.4) == (0.4, 0.4)
+    assert masking.parse_mask_ratio([0.4]) == (0.4, 0.4)
+    assert masking.parse_mask_ratio((0.1, 0.5)) == (0.1, 0.5)
+    assert masking.parse_mask_ratio(0) == (0.0, 0.0)
     for bad in ((0.5, 0.1), 1.5, -0.1, (0.1, 0.2, 0.3), (), "x", ["a", "b"]):
-        with pytest.raises(utils.UserError, match="--mask_ratio"):
-            data.parse_mask_ratio(bad)
+        with pytest.raises(ValueError, match="--mask_ratio"):
+            masking.parse_mask_ratio(bad)
 
 
 def _masked_ratios(sampler, n, seed):
@@ -170,7 +173,7 @@ def _masked_ratios(sampler, n, seed):
 @pytest.mark.parametrize("p", [0.5, 0.3])
 def test_fraction_masked_and_fixed_ratio(p):
     n = 3000
-    sampler = data.BlockMaskSampler(224, 16, 16, mask_ratio=0.4, mask_probability=p)
+    sampler = masking.BlockMaskSampler(224, 16, 16, mask_ratio=0.4, mask_probability=p)
     ratios = _masked_ratios(sampler, n, seed=int(p * 10))
     masked = ratios > 0
     assert abs(masked.mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
@@ -179,13 +182,13 @@ def test_fraction_masked_and_fixed_ratio(p):
 
 
 def test_probability_zero_and_one():
-    assert np.all(_masked_ratios(data.BlockMaskSampler(64, 8, 8, 0.4, mask_probability=0.0), 200, 0) == 0)
-    assert np.all(_masked_ratios(data.BlockMaskSampler(64, 8, 8, 0.4, mask_probability=1.0), 200, 0) == 26 / 64)
+    assert np.all(_masked_ratios(masking.BlockMaskSampler(64, 8, 8, 0.4, mask_probability=0.0), 200, 0) == 0)
+    assert np.all(_masked_ratios(masking.BlockMaskSampler(64, 8, 8, 0.4, mask_probability=1.0), 200, 0) == 26 / 64)
 
 
 def test_ratio_range_spreads_over_min_max():
     n, lo, hi = 3000, 0.1, 0.5
-    sampler = data.BlockMaskSampler(224, 16, 16, mask_ratio=(lo, hi), mask_probability=1.0)
+    sampler = masking.BlockMaskSampler(224, 16, 16, mask_ratio=(lo, hi), mask_probability=1.0)
     ratios = _masked_ratios(sampler, n, seed=5)
     half_cell = 0.5 / 196
     assert ratios.min() >= lo - half_cell and ratios.max() <= hi + half_cell
@@ -197,7 +200,7 @@ def test_ratio_range_spreads_over_min_max():
 
 
 def test_upsampling_32px_cells_to_16px_patches():
-    sampler = data.BlockMaskSampler(224, 16, 32, mask_ratio=0.4, mask_probability=1.0)
+    sampler = masking.BlockMaskSampler(224, 16, 32, mask_ratio=0.4, mask_probability=1.0)
     assert (sampler.cells_per_side, sampler.patches_per_side, sampler.cell_scale) == (7, 14, 2)
     rng = random.Random(0)
     for _ in range(50):
@@ -208,17 +211,17 @@ def test_upsampling_32px_cells_to_16px_patches():
         assert torch.equal(grid, cells.repeat_interleave(2, 0).repeat_interleave(2, 1))  # 2x2 blocks
         assert int(cells.sum()) == 20 and int(m.sum()) == 80  # round(0.4 * 49) cells, 4 patches each
     # 8-px patches: 4x4 patches per 32-px cell
-    sampler = data.BlockMaskSampler(224, 8, 32, mask_ratio=(0.1, 0.5), mask_probability=1.0)
+    sampler = masking.BlockMaskSampler(224, 8, 32, mask_ratio=(0.1, 0.5), mask_probability=1.0)
     grid = sampler(random.Random(1)).view(28, 28)
     assert torch.equal(grid, grid[::4, ::4].repeat_interleave(4, 0).repeat_interleave(4, 1))
     assert grid.any()
 
 
 def test_mask_patch_size_equal_patch_size_is_per_patch():
-    sampler = data.BlockMaskSampler(224, 16, 16, 0.4, 1.0)
+    sampler = masking.BlockMaskSampler(224, 16, 16, 0.4, 1.0)
     assert sampler.cells_per_side == sampler.patches_per_side == 14 and sampler.cell_scale == 1
-    assert data.BlockMaskSampler(224, 16).mask_patch_size == 16  # default: the patch size
-    sampler = data.BlockMaskSampler(32, 4, 4, 0.4, 1.0)
+    assert masking.BlockMaskSampler(224, 16).mask_patch_size == 16  # default: the patch size
+    sampler = masking.BlockMaskSampler(32, 4, 4, 0.4, 1.0)
     random.seed(0)
     cells = sampler.sample_cells()
     random.seed(0)
@@ -235,16 +238,18 @@ def test_mask_patch_size_equal_patch_size_is_per_patch():
     (dict(mask_ratio=(0.5, 0.2)), "--mask_ratio"),
     (dict(patch_size=0), "--patch_size"),
 ])
-def test_invalid_settings_raise_user_error(kwargs, match):
+def test_invalid_settings_raise_value_error_naming_the_flag(kwargs, match):
+    """ValueError (masking.py imports nothing of the repository), the message naming the flag: main_distill.py
+    turns it into its one-line UserError (tests/test_main_distill.py, test_flag_errors)."""
     args = dict(crop_size=224, patch_size=16, mask_patch_size=32)
     args.update(kwargs)
-    with pytest.raises(utils.UserError, match=match):
-        data.BlockMaskSampler(**args)
+    with pytest.raises(ValueError, match=match):
+        masking.BlockMaskSampler(**args)
 
 
 def test_masks_use_python_random_only():
     """Masks depend on Python's random state alone, and leave numpy's and torch's untouched."""
-    sampler = data.BlockMaskSampler(64, 8, 8, (0.1, 0.5), 0.5)
+    sampler = masking.BlockMaskSampler(64, 8, 8, (0.1, 0.5), 0.5)
     out = []
     for other in (0, 1):
         np.random.seed(other)
@@ -266,12 +271,12 @@ def noise_image(size=(24, 24), seed=0) -> Image.Image:
 
 
 def small_aug(global_size=32, local_size=16, n_local=2):
-    return data.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), n_local, global_crops_size=global_size,
-                                     local_crops_size=local_size)
+    return augmentations.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), n_local, global_crops_size=global_size,
+                                              local_crops_size=local_size)
 
 
 def masked_aug(p=1.0, ratio=(0.2, 0.5), mask_patch_size=4):
-    return data.MaskedCrops(small_aug(), data.BlockMaskSampler(32, 4, mask_patch_size, ratio, p))
+    return masking.MaskedCrops(small_aug(), masking.BlockMaskSampler(32, 4, mask_patch_size, ratio, p))
 
 
 def test_masked_crops_keeps_the_crops():
@@ -287,7 +292,7 @@ def test_masked_crops_keeps_the_crops():
 
 
 def test_masked_crops_checks_the_crop_size():
-    aug = data.MaskedCrops(small_aug(global_size=48), data.BlockMaskSampler(32, 4, 8))
+    aug = masking.MaskedCrops(small_aug(global_size=48), masking.BlockMaskSampler(32, 4, 8))
     with pytest.raises(ValueError, match="48"):
         aug(noise_image())
 

@@ -22,6 +22,7 @@ import official_dino as ref  # noqa: E402  (the reference beside this file; pyte
 import vision_transformer as ovt  # noqa: E402  (ours; repo root is on sys.path via conftest.py)
 import losses  # noqa: E402
 from losses.dino import DINOLoss as OurDINOLoss  # noqa: E402
+from conftest import official_vit_keys, perturbed_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,63 +46,6 @@ def assert_close(actual, expected, rel=1e-5, rtol=1e-4, msg=""):
 
 def shapes(sd):
     return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def perturbed_state(module, seed=0):
-    """A state_dict of `module` with non-trivial random values (so that every weight matters).
-
-    Linear/conv weights ~ N(0, 1/fan_in), biases ~ 0.1 N(0,1), norm weights ~ 1 + 0.1 N(0,1),
-    position embeddings and CLS token ~ N(0,1), weight-norm magnitudes ~ U(0.5, 2),
-    BatchNorm running stats random (var positive).
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in module.state_dict().items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        name = k.rsplit(".", 1)[-1]
-        if name == "running_var":
-            t = 0.5 + 1.5 * torch.rand(v.shape, generator=g)
-        elif name == "running_mean":
-            t = 0.5 * torch.randn(v.shape, generator=g)
-        elif name == "weight_g":
-            t = 0.5 + 1.5 * torch.rand(v.shape, generator=g)
-        elif name in ("pos_embed", "cls_token", "mask_token"):
-            t = torch.randn(v.shape, generator=g)
-        elif v.ndim == 1 and name == "weight":  # norm layers
-            t = 1.0 + 0.1 * torch.randn(v.shape, generator=g)
-        elif v.ndim == 1:  # biases
-            t = 0.1 * torch.randn(v.shape, generator=g)
-        else:
-            fan_in = v[0].numel()
-            t = torch.randn(v.shape, generator=g) / fan_in ** 0.5
-        out[k] = t.to(v.dtype)
-    return out
-
-
-def official_vit_keys(embed_dim, depth, patch_size, img_size=224, in_chans=3):
-    """Expected official state_dict keys and shapes, written out by hand."""
-    n = (img_size // patch_size) ** 2
-    d, h = embed_dim, 4 * embed_dim
-    keys = {
-        "cls_token": (1, 1, d),
-        "pos_embed": (1, n + 1, d),
-        "patch_embed.proj.weight": (d, in_chans, patch_size, patch_size),
-        "patch_embed.proj.bias": (d,),
-    }
-    for i in range(depth):
-        p = f"blocks.{i}."
-        keys.update({
-            p + "norm1.weight": (d,), p + "norm1.bias": (d,),
-            p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
-            p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
-            p + "norm2.weight": (d,), p + "norm2.bias": (d,),
-            p + "mlp.fc1.weight": (h, d), p + "mlp.fc1.bias": (h,),
-            p + "mlp.fc2.weight": (d, h), p + "mlp.fc2.bias": (d,),
-        })
-    keys.update({"norm.weight": (d,), "norm.bias": (d,)})
-    return keys
 
 
 ARCH_DIMS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}

@@ -1,6 +1,6 @@
 """The whole training loop against the official one: same weights in, same weights out.
 
-Our `main_dino.build_training` + `main_dino.train_one_epoch` and the official loop (rebuilt from
+Our `main_dino.build_training` + `main_dino.dino_step` in `engine.train_one_epoch` and the official loop (rebuilt from
 tests/official_dino.py: explicit attention, weight_norm head, per-pair loss, per-parameter clipping,
 cancelled last-layer gradients, torch AdamW, Python-loop EMA) run the same steps on the same batches,
 across the frozen-last-layer epoch and the next one. Any difference in schedules, clipping, freezing,
@@ -11,6 +11,7 @@ import warnings
 import official_dino as ref  # the reference beside this file (pytest puts tests/ on sys.path)
 import torch
 
+import engine
 import main_dino
 
 
@@ -49,9 +50,10 @@ def test_training_loop_matches_official_over_two_epochs():
             for _ in range(2)]
     for epoch in range(2):  # epoch 0 has the last layer frozen, epoch 1 trains it
         loader = [(images, torch.zeros(batch), [""] * batch) for images in data[epoch]]
-        main_dino.train_one_epoch(ours.student, ours.teacher, ours.teacher_without_ddp, ours.dino_loss, loader,
-                                  ours.optimizer, ours.lr_schedule, ours.wd_schedule, ours.momentum_schedule,
-                                  epoch, None, args)
+        step, after_step = main_dino.dino_step(ours.student, ours.teacher, ours.teacher_without_ddp, ours.dino_loss,
+                                               ours.momentum_schedule)
+        engine.train_one_epoch(step, ours.student, ours.optimizer, loader, ours.lr_schedule, ours.wd_schedule, epoch,
+                               args, after_step=after_step)
         official_loader = [(images, labels) for images, labels, _ in loader]
         ref.train_one_epoch(student, teacher, teacher, dino_loss, official_loader, optimizer, lr_schedule, wd_schedule,
                             momentum_schedule, epoch, None, args.clip_grad, args.freeze_last_layer)

@@ -139,7 +139,7 @@ def test_imagenet100_layout_is_read_as_one_dataset_and_evaluated(tmp_path):
     commands = {script: argv for script, argv in script_commands(stdout)}
     train = data.build_dataset(parse("main_dino.py", commands["main_dino.py"]).data_path)
     assert train.classes == ["n01", "n02", "n03", "n04"] and len(train) == 8
-    knn_train, knn_val = eval_knn.split_datasets(parse("eval_knn.py", commands["eval_knn.py"]).data_path, 32, 32)
+    knn_train, knn_val = data.labeled_splits(parse("eval_knn.py", commands["eval_knn.py"]).data_path, 32, 32)
     assert knn_train.base.classes == knn_val.base.classes == ["n01", "n02", "n03", "n04"]
     assert len(knn_train) == 8 and len(knn_val) == 4
 
@@ -151,5 +151,5 @@ def test_cifar10_test_split_becomes_val_for_the_evaluations(tmp_path):
     stdout = run_recipe(REPO_ROOT / "recipes" / "cifar10_vit_32px.sh",
                         {"DATA": str(root), "OUT": str(tmp_path / "out"), "PYTHON": "echo"})
     commands = {script: argv for script, argv in script_commands(stdout)}
-    knn_train, knn_val = eval_knn.split_datasets(parse("eval_knn.py", commands["eval_knn.py"]).data_path, 32, 32)
+    knn_train, knn_val = data.labeled_splits(parse("eval_knn.py", commands["eval_knn.py"]).data_path, 32, 32)
     assert len(knn_train) == 4 and len(knn_val) == 2

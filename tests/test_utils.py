@@ -16,7 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from conftest import PicklePayload
 import official_dino  # the reference beside this file (pytest puts tests/ on sys.path)
+import checkpointing
+import backbones
+import tracking
 import utils
 import vision_transformer as vits
 
@@ -135,17 +139,17 @@ def _tmp_leftovers(directory):
 
 def test_save_checkpoint_roundtrip(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"w": torch.arange(4.0), "epoch": 3}, path)
-    loaded = utils.load_checkpoint(path)
+    checkpointing.atomic_save({"w": torch.arange(4.0), "epoch": 3}, path)
+    loaded = checkpointing.load_checkpoint(path)
     assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
-    utils.save_checkpoint({"w": torch.zeros(2), "epoch": 4}, path)  # overwrite
-    assert utils.load_checkpoint(path)["epoch"] == 4
+    checkpointing.atomic_save({"w": torch.zeros(2), "epoch": 4}, path)  # overwrite
+    assert checkpointing.load_checkpoint(path)["epoch"] == 4
     assert _tmp_leftovers(tmp_path) == []
 
 
 def test_save_checkpoint_atomic_when_save_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    checkpointing.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
     real_save = torch.save
 
     def failing_save(obj, f, *a, **k):
@@ -154,10 +158,10 @@ def test_save_checkpoint_atomic_when_save_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(utils.UserError) as e:
-        utils.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+        checkpointing.atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert path in str(e.value)
-    loaded = utils.load_checkpoint(path)
+    loaded = checkpointing.load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.ones(3))  # previous file intact
     assert _tmp_leftovers(tmp_path) == [] and os.listdir(tmp_path) == ["checkpoint.pth"]
 
@@ -186,22 +190,22 @@ def _disk_full_after(limit):
 
 def test_save_checkpoint_atomic_when_disk_fills_during_real_torch_save(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
-    monkeypatch.setattr(utils, "open", _disk_full_after(1000), raising=False)
+    checkpointing.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+    monkeypatch.setattr(checkpointing, "open", _disk_full_after(1000), raising=False)
     try:
         with pytest.raises(utils.UserError) as e:
-            utils.save_checkpoint({"epoch": 2, "w": torch.randn(100_000)}, path)
+            checkpointing.atomic_save({"epoch": 2, "w": torch.randn(100_000)}, path)
         assert path in str(e.value)
     finally:
         monkeypatch.undo()
-        assert utils.load_checkpoint(path)["epoch"] == 1  # the previous file is intact in any case
+        assert checkpointing.load_checkpoint(path)["epoch"] == 1  # the previous file is intact in any case
     assert _tmp_leftovers(tmp_path) == []
 
 
 def test_save_checkpoint_unwritable_folder(tmp_path):
     path = str(tmp_path / "missing_dir" / "checkpoint.pth")
     with pytest.raises(utils.UserError, match="missing_dir"):
-        utils.save_checkpoint({"epoch": 1}, path)
+        checkpointing.atomic_save({"epoch": 1}, path)
 
 
 def test_load_checkpoint_with_namespace(tmp_path):
@@ -209,28 +213,18 @@ def test_load_checkpoint_with_namespace(tmp_path):
     path = str(tmp_path / "official.pth")
     ns = argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005, norm_last_layer=True)
     torch.save({"teacher": {"w": torch.ones(2)}, "args": ns, "epoch": 100}, path)
-    ckpt = utils.load_checkpoint(path)
+    ckpt = checkpointing.load_checkpoint(path)
     assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].arch == "vit_small"
     assert torch.equal(ckpt["teacher"]["w"], torch.ones(2)) and ckpt["epoch"] == 100
-
-
-class _Malicious:
-    """Unpickling this calls open(marker, 'w'): arbitrary code execution in a real attack."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_load_checkpoint_refuses_malicious_pickle(tmp_path):
     marker = tmp_path / "PWNED"
     path = str(tmp_path / "evil.pth")
-    torch.save({"student": {"w": torch.ones(1)}, "payload": _Malicious(str(marker))}, path)
+    torch.save({"student": {"w": torch.ones(1)}, "payload": PicklePayload(marker)}, path)
     assert not marker.exists()
     with pytest.raises(utils.UserError) as e:
-        utils.load_checkpoint(path)
+        checkpointing.load_checkpoint(path)
     assert path in str(e.value)
     assert not marker.exists()
     # the payload is real: an unrestricted load does run it (so the check above can fail)
@@ -243,9 +237,9 @@ def test_load_checkpoint_refuses_plain_pickle_payload(tmp_path):
     marker = tmp_path / "PWNED2"
     path = str(tmp_path / "evil.pkl")
     with open(path, "wb") as f:
-        pickle.dump({"payload": _Malicious(str(marker))}, f)
+        pickle.dump({"payload": PicklePayload(marker)}, f)
     with pytest.raises(utils.UserError, match="evil.pkl"):
-        utils.load_checkpoint(path)
+        checkpointing.load_checkpoint(path)
     assert not marker.exists()
 
 
@@ -282,13 +276,13 @@ def _write_corrupt(tmp_path, kind):
 def test_load_checkpoint_corrupt_file(tmp_path, kind):
     path = _write_corrupt(tmp_path, kind)
     with pytest.raises(utils.UserError) as e:
-        utils.load_checkpoint(path)
+        checkpointing.load_checkpoint(path)
     assert path in str(e.value)
 
 
 def test_load_checkpoint_missing(tmp_path):
     with pytest.raises(utils.UserError, match="nothere.pth"):
-        utils.load_checkpoint(str(tmp_path / "nothere.pth"))
+        checkpointing.load_checkpoint(str(tmp_path / "nothere.pth"))
 
 
 class _DDPLike(nn.Module):
@@ -311,7 +305,7 @@ def test_restart_from_ddp_prefixed_into_plain(tmp_path, capsys):
     opt.step()
     center = torch.randn(1, 3)
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"student": src.state_dict(), "optimizer": opt.state_dict(), "epoch": 5,
+    checkpointing.atomic_save({"student": src.state_dict(), "optimizer": opt.state_dict(), "epoch": 5,
                            "dino_loss": {"center": center}, "log_history": [{"epoch": 4}]}, path)
     assert all(k.startswith("module.") for k in src.state_dict())
 
@@ -340,7 +334,7 @@ def test_restart_from_ddp_prefixed_into_plain(tmp_path, capsys):
 def test_restart_from_plain_into_ddp_prefixed(tmp_path):
     src = _net()
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"teacher": src.state_dict()}, path)
+    checkpointing.atomic_save({"teacher": src.state_dict()}, path)
     dst = _DDPLike(_net(out=3))
     torch.nn.init.zeros_(dst.module[0].weight)
     utils.restart_from_checkpoint(path, teacher=dst)
@@ -350,7 +344,7 @@ def test_restart_from_plain_into_ddp_prefixed(tmp_path):
 
 def test_restart_mismatch_raises_user_error(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"student": _net(3).state_dict(), "optimizer": {"state": {}, "param_groups": []}}, path)
+    checkpointing.atomic_save({"student": _net(3).state_dict(), "optimizer": {"state": {}, "param_groups": []}}, path)
     with pytest.raises(utils.UserError) as e:  # shape mismatch
         utils.restart_from_checkpoint(path, student=_net(5))
     assert path in str(e.value) and "student" in str(e.value)
@@ -494,7 +488,7 @@ def _feat(out):
 
 def _check_wrapper(arch, sizes, batch=2, out_dim=16, per_crop=True):
     torch.manual_seed(0)
-    backbone, dim = utils.build_backbone(arch) if isinstance(arch, str) else arch
+    backbone, dim = backbones.build_backbone(arch) if isinstance(arch, str) else arch
     head = nn.Linear(dim, out_dim)
     wrapper = utils.MultiCropWrapper(backbone, head).eval()
     crops = [torch.randn(batch, 3, s, s) for s in sizes]
@@ -553,16 +547,16 @@ def test_multicrop_wrapper_single_tensor_and_crop_major_order():
 
 def test_build_backbone_unknown_arch():
     with pytest.raises(utils.UserError) as e:
-        utils.build_backbone("vit_smal")
+        backbones.build_backbone("vit_smal")
     msg = str(e.value)
     assert "vit_smal" in msg and "vit_small" in msg.split("Did you mean", 1)[-1]
 
 
 def test_build_backbone_deit_alias():
-    model, dim = utils.build_backbone("deit_small")
+    model, dim = backbones.build_backbone("deit_small")
     assert isinstance(model, vits.VisionTransformer) and dim == 384 and model.embed_dim == 384
     assert len(model.blocks) == 12
-    model8, _ = utils.build_backbone("vit_small", patch_size=8)
+    model8, _ = backbones.build_backbone("vit_small", patch_size=8)
     assert model8.patch_embed.patch_size == 8
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 384)
@@ -614,7 +608,7 @@ def test_plot_training_curves(tmp_path):
         for epoch in range(3):
             f.write(json.dumps({"train_loss": 10.0 - epoch, "train_lr": 1e-4 * epoch, "train_wd": 0.04,
                                 "note": "text is skipped", "epoch": epoch}) + "\n")
-    out = utils.plot_training_curves(str(log), str(tmp_path / "curves.png"))
+    out = tracking.plot_training_curves(str(log), str(tmp_path / "curves.png"))
     assert out == str(tmp_path / "curves.png")
     data = (tmp_path / "curves.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -626,13 +620,13 @@ def test_plot_training_curves(tmp_path):
 def test_plot_training_curves_empty_log(tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "log.txt").write_text("")
-    assert utils.plot_training_curves(str(tmp_path / "log.txt"), str(tmp_path / "c.png")) is None
+    assert tracking.plot_training_curves(str(tmp_path / "log.txt"), str(tmp_path / "c.png")) is None
     assert not (tmp_path / "c.png").exists()
 
 
 def test_write_json_lines_atomic(tmp_path):
     path = str(tmp_path / "log.txt")
-    utils.write_json_lines(path, [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.0}])
+    tracking.write_json_lines(path, [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.0}])
     with open(path) as f:
         assert [json.loads(line) for line in f] == [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.0}]
     assert os.listdir(tmp_path) == ["log.txt"]

@@ -16,10 +16,10 @@ from PIL import Image
 from torchvision import transforms
 
 import official_dino as ref  # the reference beside this file (pytest puts tests/ on sys.path)
-from conftest import REPO_ROOT, run_cmd
-from test_official_compat import perturbed_state
+from conftest import REPO_ROOT, assert_one_error_line, perturbed_state, run_cmd
 
-import data  # noqa: E402  (repo root is on sys.path via conftest.py)
+import synthetic
+
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 import visualize_attention as va  # noqa: E402
@@ -81,7 +81,7 @@ def files(tmp_path_factory, official_teacher):
     """An image and the official full checkpoint of `official_teacher`."""
     root = tmp_path_factory.mktemp("visualize")
     image_path = root / "shape.png"
-    data.synthetic_image(7, np.random.default_rng(1), size=100).save(image_path)  # a hexagon
+    synthetic.synthetic_image(7, np.random.default_rng(1), size=100).save(image_path)  # a hexagon
     ckpt = root / "official_full.pth"
     teacher = official_teacher.state_dict()
     torch.save({"student": {"module." + k: v.clone() for k, v in teacher.items()}, "teacher": teacher,
@@ -144,17 +144,23 @@ def test_cli_writes_official_maps_and_masks_from_an_official_full_checkpoint(fil
 
 
 @pytest.mark.parametrize("kind", ["missing", "unreadable"])
-def test_cli_bad_image_path_is_one_line_and_exit_code_2(tmp_path, kind):
+def test_bad_image_path_stops_with_a_message(tmp_path, kind):
     path = tmp_path / "photo.jpg"
     if kind == "unreadable":
         path.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(utils.UserError) as e:
+        va.visualize_attention(va_args(image_path=str(path), output_dir=str(tmp_path / "out")))
+    message = str(e.value)
+    assert message.startswith("--image_path ") and str(path) in message and "\n" not in message
+    assert ("does not exist" if kind == "missing" else "not a readable image") in message
+    assert not (tmp_path / "out" / "img.png").exists()
+
+
+def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
+    path = tmp_path / "photo.jpg"
     proc = run_cmd([sys.executable, SCRIPT, "--arch", "vit_tiny", "--patch_size", PATCH, "--image_path", path,
                     "--output_dir", tmp_path / "out"], check=False, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --image_path ") and str(path) in lines[0], proc.stderr
-    assert ("does not exist" if kind == "missing" else "not a readable image") in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert_one_error_line(proc, f"--image_path {path} does not exist")
     assert not (tmp_path / "out" / "img.png").exists()
 
 

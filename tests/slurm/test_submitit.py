@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_log
+from conftest import DINO_FAST, read_log, split_folder, with_flags
 from slurm_helpers import job_status, scancel, wait_for_job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-FLAGS = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-         "--local_crops_number", "2", "--out_dim", "256", "--batch_size_per_gpu", "16", "--warmup_epochs", "1",
-         "--print_freq", "1", "--saveckp_freq", "0", "--epochs", "3", "--num_workers", "1"]
+FLAGS = with_flags(DINO_FAST, epochs=3, num_workers=1)  # 40 images: 5 steps per task and epoch
 SLURM = ["--ngpus", "0", "--nodes", "1", "--tasks_per_node", "2", "--cpus_per_task", "1", "--partition", "debug",
          "--timeout", "20", "--mem_gb", "8"]
 
@@ -45,10 +43,10 @@ def finished(job_id, job_dir, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def reference_job(slurm_cluster, cifar_subset, tmp_path_factory):
+def reference_job(slurm_cluster, cifar_40, tmp_path_factory):
     """The README's 2-task CPU submission, uninterrupted."""
     job_dir = tmp_path_factory.mktemp("slurm_ref")
-    job_id, out = submit(*SLURM, "--job_dir", job_dir, "--data_path", cifar_subset, *FLAGS)
+    job_id, out = submit(*SLURM, "--job_dir", job_dir, "--data_path", cifar_40, *FLAGS)
     assert f"Logs and checkpoints will be saved at: {job_dir}" in out
     assert f"tail -f {job_dir}/{job_id}_0_log.out" in out
     finished(job_id, job_dir)
@@ -59,18 +57,17 @@ def test_two_task_cpu_job_trains_like_a_local_run(reference_job):
     job_id, job_dir = reference_job
     logs = task_logs(job_dir, job_id)
     assert "distributed init (rank 0/2, gloo)" in logs and "Process group: 2 tasks, rank: 1" in logs
-    assert "5 optimizer steps per epoch" in logs  # 160 images, 16 per task and step, 2 tasks
+    assert "5 optimizer steps per epoch" in logs  # 40 images, 4 per task and step, 2 tasks
     assert [r["epoch"] for r in read_log(job_dir)] == [0, 1, 2]
     ckpt = torch.load(job_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 3 and ckpt["args"]["world_size"] == 2 and len(ckpt["rng_states"]) == 2
     assert (job_dir / "training_curves.png").is_file()
 
 
-def test_usr2_mid_epoch_requeues_and_ends_with_the_uninterrupted_weights(reference_job, cifar_subset,
-                                                                         tmp_path):
+def test_usr2_mid_epoch_requeues_and_ends_with_the_uninterrupted_weights(reference_job, cifar_40, tmp_path):
     ref_id, ref_dir = reference_job
     job_dir = tmp_path / "job"
-    job_id, _ = submit(*SLURM, "--job_dir", job_dir, "--data_path", cifar_subset, *FLAGS)
+    job_id, _ = submit(*SLURM, "--job_dir", job_dir, "--data_path", cifar_40, *FLAGS)
     log0 = job_dir / f"{job_id}_0_log.out"
     deadline = time.time() + 600
     while not (log0.exists() and re.search(r"Epoch: \[1/3\]\s+\[2/5\]", log0.read_text())):
@@ -106,12 +103,9 @@ def test_usr2_mid_epoch_requeues_and_ends_with_the_uninterrupted_weights(referen
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs from the uninterrupted job"
 
 
-def test_eval_knn_job(reference_job, cifar_subset, tmp_path):
+def test_eval_knn_job(reference_job, cifar_40, tmp_path):
     _, ref_dir = reference_job
-    split = tmp_path / "split"
-    split.mkdir()
-    for name in ("train", "val"):
-        (split / name).symlink_to(cifar_subset, target_is_directory=True)
+    split = split_folder(cifar_40, tmp_path / "split")
     job_dir = tmp_path / "knn"
     job_id, _ = submit("--script", "eval_knn.py", *SLURM, "--job_dir", job_dir, "--arch", "vit_tiny",
                        "--patch_size", "8", "--pretrained_weights", ref_dir / "checkpoint.pth", "--checkpoint_key",
