@@ -28,8 +28,8 @@ from conftest import (DINO_FAST, PicklePayload, after_first_epoch, assert_one_er
 # ----------------------------------------------------------------------------------------------------
 def test_repeated_kill9_at_several_moments(cifar_40, dino_reference, tmp_path):
     """kill -9 three times: just after the first epoch's checkpoint, as a checkpoint write starts, and at a
-    random moment of training. Every checkpoint left behind loads, and the run, started again each time, ends
-    with every epoch logged once and the same weights as a run never killed."""
+    random moment of training. Every checkpoint left behind loads, and the run, started again each time (the
+    last time in this process), ends with every epoch logged once and the same weights as a run never killed."""
     killed = tmp_path / "killed"
     # a mid-epoch checkpoint after global iterations 6 and 13 (epoch 1's batch 4), data-loader workers
     cmd = main_dino_cmd(*reference_flags(cifar_40, killed, "--num_workers", 2, "--saveckp_every_iters", 7))
@@ -67,7 +67,7 @@ def test_repeated_kill9_at_several_moments(cifar_40, dino_reference, tmp_path):
         epochs = [r["epoch"] for r in read_log(killed)]
         assert epochs == sorted(set(epochs)), f"duplicate or unordered epochs in log.txt: {epochs}"
 
-    run_cmd(cmd)
+    main_dino.train_dino(parse(main_dino, *reference_flags(cifar_40, killed, "--saveckp_every_iters", 7)))
     assert_same_dino_run(dino_reference[0], killed)
     assert not list(killed.glob(".checkpoint.pth.tmp*")), "temporary files of killed writes are cleaned up"
 
