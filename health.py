@@ -121,13 +121,13 @@ def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def build_probe(args: argparse.Namespace):
-    """The fixed probe set: up to --health_probe_size training images, evenly spaced over the dataset, with
-    the eval transform at the global crop size; None when 0."""
+def build_probe(args: argparse.Namespace, base):
+    """The fixed probe set: up to --health_probe_size images of the training collection `base` (the training
+    dataset's, so that its folders are not walked twice), evenly spaced, with the eval transform at the global
+    crop size; None when 0."""
     if not getattr(args, "health_probe_size", 0):
         return None
     import data
-    base = data.build_dataset(args.data_path)
     n = min(args.health_probe_size, len(base.samples))
     crop = args.global_crops_size
     dataset = data.LabeledDataset(base, data.eval_transform(int(round(crop * 256 / 224)), crop))
@@ -158,10 +158,11 @@ def probe_rankme(backbone: nn.Module, probe, args: argparse.Namespace, autocast)
     return {"rankme": value}
 
 
-def epoch_callback(args: argparse.Namespace, backbone: nn.Module, autocast,
+def epoch_callback(args: argparse.Namespace, base, backbone: nn.Module, autocast,
                    evaluate: Optional[Callable[[int], Dict]] = None) -> Optional[Callable[[int], Dict]]:
-    """`evaluate(epoch)` for engine.fit: `evaluate`'s figures (the online k-NN) and RankMe on the probe set."""
-    probe = build_probe(args)
+    """`evaluate(epoch)` for engine.fit: `evaluate`'s figures (the online k-NN) and RankMe on a probe set of
+    the training collection `base`."""
+    probe = build_probe(args, base)
     if probe is None:
         return evaluate
 

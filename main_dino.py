@@ -316,7 +316,7 @@ def train_dino(args: argparse.Namespace) -> None:
 
     run = build_training(args, niter_per_ep)
     evaluate = eval_knn.online_knn_callback(args, run.teacher_without_ddp.backbone, run.autocast, "teacher")
-    evaluate = health.epoch_callback(args, run.teacher_without_ddp.backbone, run.autocast, evaluate)
+    evaluate = health.epoch_callback(args, dataset.base, run.teacher_without_ddp.backbone, run.autocast, evaluate)
     student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
     bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
     step, after_step = dino_step(student, teacher, run.teacher_without_ddp, dino_loss, run.momentum_schedule)

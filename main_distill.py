@@ -302,7 +302,7 @@ def train_distill(args: argparse.Namespace) -> None:
     print(f"Precision: {precision}.")
     lr_schedule, wd_schedule = main_dino.build_schedules(args, niter_per_ep)
     evaluate = eval_knn.online_knn_callback(args, engine.unwrap(student).backbone, autocast, "student")
-    evaluate = health.epoch_callback(args, engine.unwrap(student).backbone, autocast, evaluate)
+    evaluate = health.epoch_callback(args, dataset.base, engine.unwrap(student).backbone, autocast, evaluate)
 
     def check_checkpoint(checkpoint: dict) -> None:
         saved = checkpoint.get("teacher_hash") if isinstance(checkpoint, dict) else None
