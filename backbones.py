@@ -52,6 +52,25 @@ def _strip_torchvision_classifier(model: nn.Module) -> int:
     raise UserError(f"cannot find the classifier of torchvision model {type(model).__name__} to replace")
 
 
+def add_model_args(parser, batch_size: int = 128, num_workers: int = 10) -> None:
+    """The flags of the scripts that run a trained network on images (eval_knn.py, extract_features.py,
+    visualize_features.py): which network, which weights, which pixels, how many at once."""
+    parser.add_argument('--batch_size_per_gpu', default=batch_size, type=int, help='Per-GPU batch-size')
+    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to
+        evaluate (a checkpoint of main_dino.py/main_distill.py, an official DINO checkpoint, a torchvision, timm
+        or Meta DINOv3 state_dict). Empty: random weights (never a download).""")
+    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano/tiny/small/base/large
+        (deit_* aliases), a torchvision model (resnet50) or any timm model name (vit_small_patch16_dinov3).""")
+    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key to use in the checkpoint (example: "teacher")')
+    parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize
+        (256 for ImageNet-size images; e.g. 32 for CIFAR at 32 px).""")
+    parser.add_argument('--crop_size', default=224, type=int, help='Side of the center crop that is evaluated.')
+    parser.add_argument('--num_workers', default=num_workers, type=int,
+                        help='Number of data loading workers per GPU.')
+
+
 def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
                    **vit_kwargs) -> Tuple[nn.Module, int]:
     """Backbone without classifier, and its feature width, for `--arch`.

@@ -240,14 +240,16 @@ def local_weights_path(path_or_url: str) -> str:
 
 
 def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str] = "teacher",
-                            model_name: Optional[str] = None, patch_size: Optional[int] = None) -> None:
+                            model_name: Optional[str] = None, patch_size: Optional[int] = None,
+                            may_miss: Iterable[str] = ()) -> None:
     """Load backbone weights for evaluation, without ever downloading unless given a URL.
 
     Reads our `main_dino.py`/`main_distill.py` checkpoints (`checkpoint_key` teacher or student), official
     full checkpoints and backbone-only `*_pretrain.pth` files (`module.`/`backbone.` prefixes stripped,
     projection-head weights ignored), torchvision and timm state_dicts, and Meta's DINOv3 files (through
     timm's converter). Missing weights or shapes that do not match stop with one message; unexpected
-    extra weights are listed. No `pretrained_weights`: random weights, with a loud warning.
+    extra weights are listed (`may_miss`: names that may stay as initialised, e.g. the mask token that only
+    iBOT-trained files have). No `pretrained_weights`: random weights, with a loud warning.
     """
     if not pretrained_weights:
         name = f"{model_name or type(model).__name__}" + (f" (patch size {patch_size})" if patch_size else "")
@@ -269,7 +271,7 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
     top_level = {k.split(".")[0] for k in model_state}
     ignored = sorted(k for k in state_dict if k not in model_state and k.split(".")[0] not in top_level)
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
-    missing = [k for k in model_state if k not in state_dict]
+    missing = [k for k in model_state if k not in state_dict and k not in set(may_miss)]
     unexpected = [k for k in state_dict if k not in model_state]
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                   for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape]
@@ -319,6 +321,27 @@ def load_head_weights(head: nn.Module, pretrained_weights: str, checkpoint_key: 
     head.load_state_dict(found, strict=True)
     print(f"Loaded the '{prefix}*' weights of {path}")
     return True
+
+
+def init_from_pretrained(backbone: nn.Module, heads: Dict[str, nn.Module], pretrained_weights: str,
+                         checkpoint_key: Optional[str], arch: str, patch_size: Optional[int] = None) -> None:
+    """Continued pretraining: `backbone` from any weights that eval_knn.py reads (ours, official DINO,
+    torchvision, timm, Meta DINOv2/DINOv3), and each head of `heads` (checkpoint prefix -> module, e.g.
+    {"head.": dino_head}) from the same file when it holds fitting weights, else left fresh. One line says
+    which heads came from the file."""
+    load_pretrained_weights(backbone, pretrained_weights, checkpoint_key, arch, patch_size, may_miss=["mask_token"])
+    loaded, fresh = [], []
+    for prefix, head in heads.items():
+        if head is not None:
+            (loaded if load_head_weights(head, pretrained_weights, checkpoint_key, prefix) else fresh).append(
+                prefix.rstrip("."))
+    line = f"Continued pretraining from {pretrained_weights}: backbone loaded"
+    if loaded:
+        line += f"; {', '.join(loaded)} from the file"
+    if fresh:
+        line += (f"; {', '.join(fresh)} fresh (none fitting in the file: a few epochs of "
+                 "--freeze_backbone_epochs let fresh heads settle before they reach the backbone)")
+    print(line)
 
 
 def state_dict_hash(module: nn.Module) -> str:

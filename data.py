@@ -5,9 +5,9 @@ The augmentation itself is in `augmentations.py` (`DataAugmentationDINO`) and th
 (`MaskedCrops`); this module reads the images and runs them through a transform.
 
 - `pil_loader_rgb`: any image file decoded to 8-bit RGB.
-- `build_dataset(data_path)`: an ImageFolder tree, several roots merged (e.g. ImageNet-100's
-  `train.X1,...,train.X4`), a packed file (`PackedImages`), or `synthetic`: the generated dataset of
-  `synthetic.py`, cached on disk.
+- `build_dataset(data_path, layout=, cache_dir=)`: any image collection: an ImageFolder tree, an unlabeled folder,
+  a list file, several merged (e.g. ImageNet-100's `train.X1,...,train.X4`; walking and detection in `layouts.py`),
+  a packed file (`PackedImages`), or `synthetic`: the generated dataset of `synthetic.py`, cached on disk.
 - `PretrainDataset` + `EpochSampler`: every sample's augmentation is seeded from (seed, epoch, index),
   so a run is reproducible whatever the number of workers or ranks, and a resumed run sees exactly the
   augmentations of an uninterrupted one. Unreadable images are replaced by another sample and reported.
@@ -16,7 +16,6 @@ The augmentation itself is in `augmentations.py` (`DataAugmentationDINO`) and th
   and the linear probe's training (dataset order kept, unreadable images flagged rather than replaced).
 """
 import contextlib
-import glob
 import itertools
 import os
 import random
@@ -30,7 +29,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import augmentations
+import layouts
 import synthetic
+from layouts import LAYOUTS, has_labels, resolve_roots  # noqa: F401  (for callers: data.LAYOUTS, ...)
 from utils import UserError, print_all_ranks
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,84 +72,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------------
-def _image_folder_class():
-    from torchvision.datasets import ImageFolder
+def build_dataset(data_path: str, split: str = "train", layout: str = "auto", cache_dir: Optional[str] = None):
+    """The images of `--data_path`, ImageFolder-style (`.samples`, `.targets`, `.classes`, `.loader`; no transform).
 
-    class MultiRootImageFolder(ImageFolder):
-        """ImageFolder over one or several roots; a class is the union of its folders in every root, and
-        class indices come from the sorted union of class names (so they agree across the roots)."""
-
-        def __init__(self, roots: Sequence[str], loader: Callable = pil_loader_rgb, transform=None):
-            self.roots = list(roots)
-            super().__init__(self.roots[0], loader=loader, transform=transform)
-            self.root = ",".join(self.roots)
-
-        def find_classes(self, directory):
-            names = set()
-            for root in self.roots:
-                names.update(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-            if not names:
-                raise FileNotFoundError(f"no class folders found in {', '.join(self.roots)}")
-            classes = sorted(names)
-            return classes, {c: i for i, c in enumerate(classes)}
-
-        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-            from torchvision.datasets.folder import make_dataset
-            samples = []
-            for root in self.roots:
-                present = {c: i for c, i in class_to_idx.items() if os.path.isdir(os.path.join(root, c))}
-                try:
-                    samples += make_dataset(root, present, extensions, is_valid_file, allow_empty=allow_empty)
-                except FileNotFoundError:  # name the folders: with several roots the class alone is ambiguous
-                    found = make_dataset(root, present, extensions, is_valid_file, allow_empty=True)
-                    nonempty = {target for _, target in found}
-                    empty = sorted(c for c, i in present.items() if i not in nonempty)
-                    raise FileNotFoundError("no image in the class folder(s) " + ", ".join(
-                        os.path.join(root, c) for c in empty)) from None
-            return samples
-
-    return MultiRootImageFolder
-
-
-def resolve_roots(data_path: str) -> List[str]:
-    """`--data_path` as a list of ImageFolder roots: one folder, a comma-separated list, or a glob."""
-    roots = []
-    for part in [p for p in data_path.split(",") if p.strip()]:
-        part = os.path.expanduser(part.strip())
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-        if not matches:
-            raise UserError(f"--data_path pattern {part!r} matches no folder")
-        roots += matches
-    if not roots:
-        raise UserError("--data_path is empty")
-    for root in roots:
-        if not os.path.isdir(root):
-            raise UserError(f"--data_path {root} does not exist or is not a folder: give a folder with one "
-                            "sub-folder per class (ImageFolder layout), or 'synthetic' for generated data")
-    return roots
-
-
-def build_dataset(data_path: str, split: str = "train"):
-    """An ImageFolder-style dataset (no transform) for `--data_path`.
-
-    `synthetic` (optionally `synthetic:/cache/dir`) generates, or reuses, the shapes dataset and returns
-    its `split`; a packed file (`*.npz`, see `PackedImages`) gives its `split`; anything else is resolved by
-    `resolve_roots`.
+    `synthetic` (optionally `synthetic:/cache/dir`) generates, or reuses, the shapes dataset and returns its
+    `split`; a packed file (`*.npz`, see `PackedImages`) gives its `split`. Anything else, folders and list files,
+    one or several (comma-separated or a glob, `resolve_roots`), is read by `layouts.read_collection`: `layout`
+    "auto" detects ImageFolder trees, unlabeled folders (targets -1, no classes: see `has_labels`) and lists, or
+    forces one of "imagefolder", "unlabeled", "list". `cache_dir` (the run's output folder): where the walk of
+    the folders is kept for the next run (`file_list_<hash>.json`); None: no cache.
     """
     if is_packed(data_path):
         return PackedImages(data_path, split)
     if data_path == "synthetic" or data_path.startswith("synthetic:"):
         cache = data_path.split(":", 1)[1] if ":" in data_path else None
         root = synthetic.make_synthetic_dataset(cache) if cache else synthetic.make_synthetic_dataset()
-        roots = [os.path.join(root, split)]
-    else:
-        roots = resolve_roots(data_path)
-    try:
-        dataset = _image_folder_class()(roots)
-    except FileNotFoundError as e:
-        raise UserError(f"--data_path {data_path}: {e}. Each class folder must hold at least one image "
-                        "(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)") from None
-    return dataset
+        return layouts.read_collection([os.path.join(root, split)], pil_loader_rgb, "imagefolder", cache_dir)
+    return layouts.read_collection(resolve_roots(data_path), pil_loader_rgb, layout, cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,7 +145,7 @@ def pack_image_folders(splits: Dict[str, str], out_path: str, per_class: Optiona
     for split, root in splits.items():
         if "\n" in split or not split.isidentifier():
             raise ValueError(f"split names must be identifiers, got {split!r}")
-        folder = _image_folder_class()([root])
+        folder = layouts.read_collection([root], pil_loader_rgb, "imagefolder", verbose=False)
         if classes is None:
             classes = folder.classes
         elif folder.classes != classes:
@@ -440,9 +380,10 @@ class LabeledDataset(Dataset):
             return self._blank, target, f"{path}: {type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def labeled_splits(data_path: str, resize_size: int, crop_size: int) -> Tuple[LabeledDataset, LabeledDataset]:
+def labeled_splits(data_path: str, resize_size: int, crop_size: int,
+                   cache_dir: Optional[str] = None) -> Tuple[LabeledDataset, LabeledDataset]:
     """The `train` and `val` splits of `data_path` with the evaluation transform: folders `train/` and `val/`,
-    `synthetic`, or a packed file's `train` and `val` (else `test`) splits."""
+    `synthetic`, or a packed file's `train` and `val` (else `test`) splits. `cache_dir`: as in build_dataset."""
     transform = eval_transform(resize_size, crop_size)
     if data_path == "synthetic" or data_path.startswith("synthetic:") or is_packed(data_path):
         bases = [build_dataset(data_path, split) for split in ("train", "val")]  # a packed val: its test split
@@ -451,7 +392,14 @@ def labeled_splits(data_path: str, resize_size: int, crop_size: int) -> Tuple[La
             if not os.path.isdir(os.path.join(data_path, split)):
                 raise UserError(f"--data_path {data_path} has no {split}/ folder: give a folder with train/ "
                                       "and val/ ImageFolder trees")
-        bases = [build_dataset(os.path.join(data_path, split)) for split in ("train", "val")]
+        bases = [build_dataset(os.path.join(data_path, split), cache_dir=cache_dir) for split in ("train", "val")]
+    for split, base in zip(("train", "val"), bases):
+        if not has_labels(base):
+            found = getattr(base, "description", "no classes")
+            raise UserError(f"--data_path {data_path}: its {split} images have no labels ({found}). k-NN and linear "
+                            "evaluation need labels: train/ and val/ ImageFolder trees (one sub-folder of images per "
+                            "class). Without labels, watch the label-free health signals in log.txt: "
+                            "teacher_entropy, kl, rankme")
     if bases[0].classes != bases[1].classes:
         raise UserError(f"train/ and val/ of {data_path} do not have the same class folders "
                               f"({len(bases[0].classes)} vs {len(bases[1].classes)})")

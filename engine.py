@@ -78,8 +78,8 @@ def steps_per_epoch(dataset, data_loader, args: argparse.Namespace) -> int:
             f"{len(dataset)} images are not enough for one step of {args.batch_size_per_gpu} images x "
             f"{args.world_size} processes x {args.grad_accum_steps} accumulation steps: lower "
             "--batch_size_per_gpu or --grad_accum_steps, or use more data")
-    print(f"Data loaded: there are {len(dataset)} images ({len(dataset.base.classes)} classes), "
-          f"{niter_per_ep} optimizer steps per epoch.")
+    classes = f"{len(dataset.base.classes)} classes" if dataset.base.classes else "no labels"
+    print(f"Data loaded: there are {len(dataset)} images ({classes}), {niter_per_ep} optimizer steps per epoch.")
     return niter_per_ep
 
 
@@ -187,8 +187,8 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
             runtime.raise_together(bad_images.error())  # all ranks together (one tiny CPU all-reduce per batch)
         if micro == 0:
             for i, param_group in enumerate(optimizer.param_groups):
-                param_group["lr"] = float(lr_schedule[it])
-                if i == 0:  # only the first group is regularized
+                param_group["lr"] = float(lr_schedule[it]) * param_group.get("lr_scale", 1.0)
+                if param_group.get("regularized", i == 0):  # official groups: only the first is regularized
                     param_group["weight_decay"] = float(wd_schedule[it])
 
         batch = to_device(batch, args.device)
@@ -267,13 +267,14 @@ def update_student(student: nn.Module, optimizer: torch.optim.Optimizer,
                    fp16_scaler: Optional[torch.amp.GradScaler], args, epoch: int, unscaled: bool,
                    want_norms: bool) -> Optional[torch.Tensor]:
     """The optimizer step after the last micro-batch: unscale (fp16), clip, drop the last layer's gradients
-    during --freeze_last_layer, step. Returns the per-parameter gradient norms when clipped or `want_norms`."""
+    during --freeze_last_layer and the backbone's during --freeze_backbone_epochs, step. Returns the per-parameter gradient norms when clipped or `want_norms`."""
     if fp16_scaler is not None and args.clip_grad and not unscaled:
         fp16_scaler.unscale_(optimizer)  # unscale the gradients of optimizer's params
     norms = utils.clip_gradients(student, args.clip_grad) if args.clip_grad else None
     if want_norms and norms is None:
         norms = tracking.grad_norms(student, None if unscaled else fp16_scaler)
     utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    utils.cancel_gradients_backbone(epoch, student, getattr(args, "freeze_backbone_epochs", 0))
     if fp16_scaler is None:
         optimizer.step()
     else:
@@ -458,6 +459,14 @@ class Run:
         signum = self.stop.agreed()
         if signum and epoch + 1 < self.args.epochs:
             raise self.stop.interrupted(signum, f"after epoch {epoch}", self.path)
+
+
+def has_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether `fit` will resume from output_dir/checkpoint.pth (then initial weights are not read)."""
+    found = os.path.isfile(os.path.join(args.output_dir, "checkpoint.pth"))
+    if found and getattr(args, "pretrained_weights", ""):
+        print(f"Resuming from {os.path.join(args.output_dir, 'checkpoint.pth')}: --pretrained_weights not read.")
+    return found
 
 
 def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer: torch.optim.Optimizer,

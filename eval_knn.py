@@ -27,31 +27,19 @@ import utils
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', add_help=False)
-    parser.add_argument('--batch_size_per_gpu', default=128, type=int, help='Per-GPU batch-size')
+    backbones.add_model_args(parser)
     parser.add_argument('--nb_knn', default=[10, 20, 100, 200], nargs='+', type=int,
                         help='Number of NN to use. 20 is usually working the best.')
     parser.add_argument('--temperature', default=0.07, type=float,
                         help='Temperature used in the voting coefficient')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to
-        evaluate (a checkpoint of main_dino.py/main_distill.py, an official DINO checkpoint, a torchvision, timm
-        or Meta DINOv3 state_dict). Empty: random weights (never a download).""")
     parser.add_argument('--use_cuda', default=True, type=utils.bool_flag,
                         help="Should we store the features on GPU? We recommend setting this to False if you encounter OOM")
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano/tiny/small/base/large
-        (deit_* aliases), a torchvision model (resnet50) or any timm model name (vit_small_patch16_dinov3).""")
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
     parser.add_argument('--dump_features', default=None,
                         help='Path where to save computed features, empty for no saving')
     parser.add_argument('--load_features', default=None, help="""If the features have
         already been computed, where to find them.""")
-    parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize
-        (256 for ImageNet-size images; e.g. 32 for CIFAR at 32 px).""")
-    parser.add_argument('--crop_size', default=224, type=int, help='Side of the center crop that is evaluated.')
     parser.add_argument('--seed', default=0, type=int, help="""Seed of the random initialisation when no
         --pretrained_weights are given (so that the random baseline is reproducible).""")
-    parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per GPU.')
     utils.add_distributed_args(parser)
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
                         help='Folder with train/ and val/ ImageFolder trees (or "synthetic").')
@@ -160,7 +148,7 @@ def build_knn_data(args: argparse.Namespace):
         return None
     crop = args.knn_crop_size or args.global_crops_size
     resize = args.knn_resize_size or int(round(crop * 256 / 224))
-    train, val = data.labeled_splits(args.knn_data_path, resize, crop)
+    train, val = data.labeled_splits(args.knn_data_path, resize, crop, cache_dir=args.output_dir)
     print(f"Online k-NN every {args.knn_eval_freq} epoch(s) on {args.knn_data_path}: {len(train)} train and "
           f"{len(val)} val images, resize {resize}, crop {crop}.")
     return train, val

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import augmentations
 import backbones
+import checkpointing
 import runtime
 import data
 import engine
@@ -99,6 +100,22 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
                         help="""Type of optimizer. We recommend using adamw with ViTs.""")
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help="stochastic depth rate")
 
+    # Continued pretraining from released or earlier weights
+    parser.add_argument('--pretrained_weights', default='', type=str, help="""Start the student and the teacher
+        from these weights instead of a random initialisation: any file eval_knn.py reads (our checkpoints,
+        official DINO files, backbone-only files of export_backbone.py, torchvision and timm state_dicts, Meta's
+        DINOv2 (timm vit_*_patch14_dinov2 names, with --arch the same name) and DINOv3 files). The projection
+        heads come from the file when it holds fitting ones, else they are fresh. Ignored when resuming.""")
+    parser.add_argument('--checkpoint_key', default='teacher', type=str,
+                        help='Key of the network in a full checkpoint given as --pretrained_weights.')
+    parser.add_argument('--freeze_backbone_epochs', default=0, type=int, help="""Train only the heads for this
+        many epochs, the backbone frozen in the student and the teacher, then everything. With
+        --pretrained_weights whose file has no heads (released DINOv2/DINOv3 weights), fresh heads otherwise
+        send large random gradients into the backbone and can wreck it in the first epochs.""")
+    parser.add_argument('--backbone_lr_scale', default=1.0, type=float, help="""The backbone's learning rate
+        is this times the heads' (--lr): below 1 (e.g. 0.1) keeps pretrained weights closer to where they
+        started.""")
+
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
                         help="""Scale range of the cropped image before resizing, relatively to the origin
@@ -115,10 +132,14 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
 
     # Misc
     parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
-                        help="""Training images: a folder with one sub-folder per class (ImageFolder), several
-        such folders separated by commas or as a glob (e.g. 'imagenet100/train.X*'), a packed file (*.npz, its
-        train split; see benchmarks/pack_cifar10.py), or 'synthetic' for the generated shapes dataset (no
-        download).""")
+                        help="""Training images: a folder of images at any depth (labels are not needed), a
+        folder with one sub-folder per class (ImageFolder), a text file listing image paths, several of these
+        separated by commas or as a glob (e.g. 'imagenet100/train.X*'), a packed file (*.npz, its train split;
+        see benchmarks/pack_cifar10.py), or 'synthetic' for the generated shapes dataset (no download).""")
+    parser.add_argument('--data_layout', default='auto', choices=data.LAYOUTS, help="""How to read --data_path:
+        imagefolder (one sub-folder per class), unlabeled (images at any depth; labels are not needed for
+        pretraining), list (a text file of image paths, one per line) or auto (detected; one line says what was
+        found). The file list is cached in --output_dir.""")
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
     parser.add_argument('--compile', type=utils.bool_flag, default=False, help="""torch.compile the student and
@@ -164,8 +185,14 @@ def check_args(args: argparse.Namespace) -> None:
                  "local_crops_size", "patch_size", "print_freq"):
         require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
-                 "saveckp_freq", "saveckp_every_iters", "skip_nonfinite", "lr", "min_lr", "clip_grad", "drop_path_rate"):
+                 "saveckp_freq", "saveckp_every_iters", "skip_nonfinite", "lr", "min_lr", "clip_grad", "drop_path_rate",
+                 "freeze_backbone_epochs"):
         require(getattr(args, name) >= 0, f"--{name} must not be negative, got {getattr(args, name)}")
+    require(args.freeze_backbone_epochs < max(args.epochs, 1), f"--freeze_backbone_epochs "
+            f"{args.freeze_backbone_epochs} leaves no epoch of the {args.epochs} in which the backbone trains")
+    require(not args.freeze_backbone_epochs or bool(args.pretrained_weights),
+            "--freeze_backbone_epochs trains the heads over a frozen backbone: it needs --pretrained_weights")
+    require(args.backbone_lr_scale >= 0, f"--backbone_lr_scale must not be negative, got {args.backbone_lr_scale}")
     require(0 <= args.center_momentum <= 1, f"--center_momentum must be in [0, 1], got {args.center_momentum}")
     require(not args.knn_eval_at_start or bool(args.knn_data_path),
             "--knn_eval_at_start needs --knn_data_path (the labelled images of the online k-NN)")
@@ -194,7 +221,8 @@ def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMas
                                                    args.local_crops_size)
     if mask_sampler is not None:
         transform = masking.MaskedCrops(transform, mask_sampler)
-    dataset = data.PretrainDataset(data.build_dataset(args.data_path), transform, seed=args.seed)
+    dataset = data.PretrainDataset(data.build_dataset(args.data_path, layout=args.data_layout,
+                                                     cache_dir=args.output_dir), transform, seed=args.seed)
     data_loader = data.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed, args.rank,
                                     args.world_size, pin_memory=args.device.type == "cuda",
                                     low_priority_workers=args.device.type == "cpu",
@@ -204,8 +232,15 @@ def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMas
 
 def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim.Optimizer:
     """--optimizer over the student's parameters (no weight decay on biases and norms); lr and weight decay
-    are set by the schedules at every step."""
+    are set by the schedules at every step. With --backbone_lr_scale other than 1, the heads' groups come
+    first (group 0's lr is the one logged) and the backbone's carry `lr_scale`."""
     params_groups = utils.get_params_groups(student)
+    scale = getattr(args, "backbone_lr_scale", 1.0)
+    if scale != 1.0:
+        backbone = {id(p) for p in engine.unwrap(student).backbone.parameters()}
+        params_groups = [{**group, "params": [p for p in group["params"] if (id(p) in backbone) == in_backbone],
+                          "regularized": i == 0, "lr_scale": scale if in_backbone else 1.0}
+                         for in_backbone in (False, True) for i, group in enumerate(params_groups)]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params_groups, fused=True)  # to use with ViTs
     if args.optimizer == "sgd":
@@ -254,6 +289,9 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     teacher, _ = backbones.build_backbone(args.arch, args.patch_size)
     student = utils.MultiCropWrapper(student, vits.DINOHead(
         embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+    if args.pretrained_weights and not engine.has_checkpoint(args):
+        checkpointing.init_from_pretrained(student.backbone, {"head.": student.head}, args.pretrained_weights,
+                                           args.checkpoint_key, args.arch, args.patch_size)
     teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
     if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
@@ -299,6 +337,8 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     lr_schedule, wd_schedule = build_schedules(args, niter_per_ep)
     # momentum parameter is increased to 1. during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+    if args.freeze_backbone_epochs:
+        print(f"Backbone frozen in student and teacher for {args.freeze_backbone_epochs} epoch(s): heads only.")
     print("Loss, optimizer and schedulers ready.")
     return SimpleNamespace(student=student, teacher=teacher, teacher_without_ddp=teacher_without_ddp,
                            dino_loss=dino_loss, optimizer=optimizer, fp16_scaler=fp16_scaler, autocast=autocast,
@@ -319,7 +359,8 @@ def train_dino(args: argparse.Namespace) -> None:
     evaluate = health.epoch_callback(args, dataset.base, run.teacher_without_ddp.backbone, run.autocast, evaluate)
     student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
     bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
-    step, after_step = dino_step(student, teacher, run.teacher_without_ddp, dino_loss, run.momentum_schedule)
+    step, after_step = dino_step(student, teacher, run.teacher_without_ddp, dino_loss, run.momentum_schedule,
+                                 frozen_backbone_iters=args.freeze_backbone_epochs * niter_per_ep)
     print("Starting DINO training !")
     engine.fit(args, step=step, student=student, optimizer=optimizer, data_loader=data_loader,
                lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule,
@@ -330,12 +371,16 @@ def train_dino(args: argparse.Namespace) -> None:
 
 
 def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module, dino_loss: DINOLoss,
-              momentum_schedule):
+              momentum_schedule, frozen_backbone_iters: int = 0):
     """DINO's part of the shared loop: `step` (teacher on the 2 global crops, student on all, DINO loss) and
-    `after_step` (the teacher EMA). The step's metrics carry the training-health signals (health.py) of the
-    teacher's distribution and backbone CLS features."""
-    student_params = list(engine.unwrap(student).parameters())
-    teacher_params = list(teacher_without_ddp.parameters())
+    `after_step` (the teacher EMA; of the heads only during the first `frozen_backbone_iters` iterations, so
+    that a frozen backbone stays bit for bit what it was). The step's metrics carry the training-health
+    signals (health.py) of the teacher's distribution and backbone CLS features."""
+    student_named = dict(engine.unwrap(student).named_parameters())
+    teacher_named = dict(teacher_without_ddp.named_parameters())
+    student_params, teacher_params = list(student_named.values()), list(teacher_named.values())
+    heads = [n for n in teacher_named if not n.startswith("backbone.")]
+    student_heads, teacher_heads = [student_named[n] for n in heads], [teacher_named[n] for n in heads]
     teacher_features = health.InputCatcher(teacher_without_ddp.head)  # the teacher backbone's CLS features
 
     def step(images, epoch: int, it: int):
@@ -352,8 +397,10 @@ def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Mo
         # EMA update for the teacher
         with torch.no_grad():
             m = float(momentum_schedule[it])  # momentum parameter
-            torch._foreach_mul_(teacher_params, m)
-            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+            frozen = it < frozen_backbone_iters
+            torch._foreach_mul_(teacher_heads if frozen else teacher_params, m)
+            torch._foreach_add_(teacher_heads if frozen else teacher_params,
+                                student_heads if frozen else student_params, alpha=1 - m)
         return {"teacher_momentum": m}
 
     return step, after_step

@@ -270,6 +270,9 @@ def train_distill(args: argparse.Namespace) -> None:
     head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
     ibot_head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head,
                               norm_last_layer=args.norm_last_layer) if args.ibot_separate_head else None
+    if args.pretrained_weights and not engine.has_checkpoint(args):
+        checkpointing.init_from_pretrained(backbone, {"head.": head, "ibot_head.": ibot_head}, args.pretrained_weights,
+                                           args.checkpoint_key, args.arch, args.patch_size)
     student = DistillStudent(backbone, head, ibot_head, CLSTokenLoss(dim, t_dim)).to(args.device)
     main_dino.speed_setup(args, student.backbone, t_backbone)
     if args.compile:

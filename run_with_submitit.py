@@ -33,6 +33,7 @@ SCRIPTS = {
     "main_distill.py": ("main_distill", "train_distill"),
     "eval_linear.py": ("eval_linear", "eval_linear"),
     "eval_knn.py": ("eval_knn", "eval_knn"),
+    "extract_features.py": ("extract_features", "extract_features"),
 }
 
 

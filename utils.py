@@ -57,6 +57,11 @@ def run_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespa
             sys.stderr.write(f"{e}\n")
         _exit(128 + e.signum)
     if is_dist_avail_and_initialized():
+        # Every rank reaches the end before any tears its connections down: a rank that leaves while another
+        # is still writing its last files can make gloo abort that rank at exit (SIGABRT, a failed job).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        dist.barrier()
         dist.destroy_process_group()  # left to interpreter exit, its teardown can abort or hang
 
 
@@ -287,6 +292,16 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
         return
     for n, p in model.named_parameters():
         if "last_layer" in n:
+            p.grad = None
+
+
+def cancel_gradients_backbone(epoch: int, model: nn.Module, freeze_backbone_epochs: int) -> None:
+    """Drop the gradients of the backbone (`backbone.*`, inside DDP `module.backbone.*`) during the first
+    `freeze_backbone_epochs` epochs: the optimizer then leaves its weights and their moments untouched."""
+    if epoch >= freeze_backbone_epochs:
+        return
+    for n, p in model.named_parameters():
+        if n.startswith(("backbone.", "module.backbone.")):
             p.grad = None
 
 

@@ -245,8 +245,9 @@ def test_build_dataset_no_class_folders(tmp_path):
     root.mkdir()
     Image.new("RGB", (8, 8)).save(root / "img.png")  # images directly in the root: no classes
     with pytest.raises(utils.UserError) as e:
-        data.build_dataset(str(root))
+        data.build_dataset(str(root), layout="imagefolder")
     assert str(root) in str(e.value)
+    assert not data.has_labels(data.build_dataset(str(root)))  # detected: an unlabeled folder
 
 
 def test_build_dataset_empty_class_folder(tmp_path):
@@ -255,7 +256,7 @@ def test_build_dataset_empty_class_folder(tmp_path):
     (root / "empty_cls").mkdir()
     (root / "empty_cls" / "readme.txt").write_text("no images here")
     with pytest.raises(utils.UserError) as e:
-        data.build_dataset(str(root))
+        data.build_dataset(str(root), layout="imagefolder")
     assert str(root) in str(e.value) and "empty_cls" in str(e.value)
 
 
@@ -264,7 +265,7 @@ def test_build_dataset_empty_class_folder_multi_root_names_the_root(tmp_path):
     make_class_folder(tmp_path / "train.X2", "n02", 2)
     (tmp_path / "train.X2" / "n01").mkdir()  # empty in the second root only
     with pytest.raises(utils.UserError) as e:
-        data.build_dataset(str(tmp_path / "train.X*"))
+        data.build_dataset(str(tmp_path / "train.X*"), layout="imagefolder")
     assert "n01" in str(e.value)
     assert os.path.join(str(tmp_path / "train.X2"), "n01") in str(e.value)
 
