@@ -4,12 +4,13 @@ ImageFolder tree (`make_synthetic_dataset`) and read by `--data_path synthetic` 
 
 Imports numpy, PIL and the standard library only.
 """
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,6 +18,8 @@ from PIL import Image, ImageDraw
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# Bumped whenever the images change: it is part of the cache folder's name, so an older dataset is never reused.
+SYNTHETIC_VERSION = 2
 SYNTHETIC_CLASSES = ("bars", "checker", "circle", "crescent", "cross", "hexagon", "ring", "square", "star",
                      "triangle")
 
@@ -29,7 +32,8 @@ def _rotate(points, cx, cy, angle):
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, angle: float,
-                fg: Tuple[int, int, int], bg: Tuple[int, int, int]) -> None:
+                fg: Union[int, Tuple[int, int, int]], bg: Union[int, Tuple[int, int, int]]) -> None:
+    """Draw shape `name` of radius r, centred at (cx, cy), rotated by `angle`, in `fg`; holes in `bg`."""
     if name == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
     elif name == "ring":
@@ -73,49 +77,58 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: f
     else:
         raise ValueError(f"unknown synthetic shape {name}")
 
+# What every image shares with the others: three shapes of its class, each covering the same share of the
+# image whatever the class, light grey on a dark background with a little noise; only the positions and
+# rotations vary. Why so plain: DINO first learns whatever two crops of one image share and other images do
+# not; given coloured shapes on coloured backgrounds it learns the colours (k-NN on the classes falls), here
+# the shape is all there is to learn. Equal areas keep the classes apart from a plain brightness statistic, so a
+# random network separates them poorly (20-NN about 24%).
+SHAPES_PER_IMAGE = 3
+SHAPE_AREA = 0.07  # share of the image covered by each shape, before overlaps
+BACKGROUND, FOREGROUND, NOISE = 0.12, 0.88, 0.03  # grey levels in [0, 1], noise standard deviation
+
+
+@functools.lru_cache(maxsize=None)
+def _area_at_unit_radius(name: str) -> float:
+    """Area of shape `name` drawn with r = 1 (measured on a 512 px mask)."""
+    n = 512
+    mask = Image.new("L", (n, n), 0)
+    _draw_shape(ImageDraw.Draw(mask), name, n / 2, n / 2, n / 4, 0.3, 255, 0)
+    return float((np.asarray(mask) > 127).mean()) * 16
+
 def synthetic_image(class_index: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """One image of class `class_index`: a shape of random position, scale, rotation and colour on a
-    random gradient background with noise."""
-    import colorsys
-    ss = 2  # draw at twice the size, then downsample: anti-aliased edges
+    """One image of class `class_index`: `SHAPES_PER_IMAGE` shapes of the class at random positions and
+    rotations, each of area `SHAPE_AREA` x the image, light on dark, with noise (see above)."""
+    ss = 4  # draw at 4x the size, then box-downsample: anti-aliased edges
     big = size * ss
-
-    def colour(lo: float, hi: float):
-        h, s, v = rng.random(), rng.uniform(0.3, 1.0), rng.uniform(lo, hi)
-        return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255
-
-    dark_bg = rng.random() < 0.5  # contrast: light shapes on dark backgrounds and vice versa
-    c0, c1 = (colour(0.05, 0.45), colour(0.05, 0.45)) if dark_bg else (colour(0.6, 1.0), colour(0.6, 1.0))
-    fg = tuple(int(x) for x in (colour(0.7, 1.0) if dark_bg else colour(0.0, 0.35)))
-    theta = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:big, 0:big] / big
-    t = np.clip((xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta) + 0.5, 0, 1)[..., None]
-    background = (c0 * (1 - t) + c1 * t).astype(np.uint8)
-    img = Image.fromarray(background, mode="RGB")
-    draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.18, 0.42) * big
-    cx, cy = rng.uniform(r * 0.8, big - r * 0.8), rng.uniform(r * 0.8, big - r * 0.8)
-    bg_at_centre = tuple(int(x) for x in background[int(cy), int(cx)])
-    _draw_shape(draw, SYNTHETIC_CLASSES[class_index], cx, cy, r, rng.uniform(0, 2 * math.pi), fg, bg_at_centre)
-    img = img.resize((size, size), Image.BICUBIC)
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 6.0, (size, size, 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="RGB")
+    name = SYNTHETIC_CLASSES[class_index]
+    r = math.sqrt(SHAPE_AREA * big * big / _area_at_unit_radius(name))
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    for _ in range(SHAPES_PER_IMAGE):
+        cx, cy = rng.uniform(0.7 * r, big - 0.7 * r), rng.uniform(0.7 * r, big - 0.7 * r)
+        _draw_shape(draw, name, cx, cy, r, rng.uniform(0, 2 * math.pi), 255, 0)
+    alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255
+    grey = BACKGROUND + (FOREGROUND - BACKGROUND) * alpha + rng.normal(0, NOISE, (size, size))
+    grey = np.clip(np.round(grey * 255), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
 
 def default_synthetic_root() -> str:
     return os.environ.get("DINO_SYNTHETIC_ROOT", os.path.join(REPO_ROOT, "data_cache"))
 
 def make_synthetic_dataset(cache_dir: Optional[str] = None, num_train_per_class: int = 300,
                            num_val_per_class: int = 60, image_size: int = 64, seed: int = 0) -> str:
-    """Write (once) a 10-class shapes dataset as `<cache>/synthetic-.../{train,val}/<class>/*.jpg`.
+    """Write (once) a 10-class shapes dataset as `<cache>/synthetic-.../{train,val}/<class>/*.png`.
 
     Deterministic for a given seed; reused when already complete. Safe when several processes call it
     at once (each writes to a temporary folder and renames it into place). Returns the dataset root.
     """
     cache_dir = cache_dir or default_synthetic_root()
-    name = f"synthetic-shapes-s{image_size}-n{num_train_per_class}-{num_val_per_class}-seed{seed}"
+    name = (f"synthetic-shapes-v{SYNTHETIC_VERSION}-s{image_size}-n{num_train_per_class}-{num_val_per_class}"
+            f"-seed{seed}")
     root = os.path.join(cache_dir, name)
     params = {"classes": list(SYNTHETIC_CLASSES), "train_per_class": num_train_per_class,
-              "val_per_class": num_val_per_class, "image_size": image_size, "seed": seed, "version": 1}
+              "val_per_class": num_val_per_class, "image_size": image_size, "seed": seed, "version": SYNTHETIC_VERSION}
     marker = os.path.join(root, "dataset.json")
     if os.path.isfile(marker):
         return root
@@ -128,7 +141,8 @@ def make_synthetic_dataset(cache_dir: Optional[str] = None, num_train_per_class:
                 os.makedirs(folder)
                 rng = np.random.default_rng([seed, split_seed, c])
                 for i in range(per_class):
-                    synthetic_image(c, rng, image_size).save(os.path.join(folder, f"{cls}_{i:05d}.jpg"), quality=92)
+                    # PNG: JPEG would ring around the sharp edges
+                    synthetic_image(c, rng, image_size).save(os.path.join(folder, f"{cls}_{i:05d}.png"))
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(params, f, indent=1)
         try:

@@ -295,7 +295,7 @@ def test_synthetic_layout_and_images(tmp_path):
         assert classes == sorted(synthetic.SYNTHETIC_CLASSES) and len(classes) == 10
         for cls in classes:
             files = sorted(os.listdir(os.path.join(root, split, cls)))
-            assert len(files) == n and all(f.endswith(".jpg") for f in files)
+            assert len(files) == n and all(f.endswith(".png") for f in files)
     with open(os.path.join(root, "dataset.json")) as f:
         meta = json.load(f)
     assert meta["train_per_class"] == 3 and meta["val_per_class"] == 2 and meta["image_size"] == 32
@@ -311,11 +311,11 @@ def test_synthetic_deterministic_and_seed_dependent(tmp_path):
     c = _tree(synthetic.make_synthetic_dataset(str(tmp_path / "c"), seed=1, **SMALL))
     assert len(a) == 10 * 5 + 1
     assert a == b  # same seed: same bytes
-    images = [k for k in a if k.endswith(".jpg")]
+    images = [k for k in a if k.endswith(".png")]
     assert set(images) <= set(c)
     assert all(a[k] != c[k] for k in images)  # another seed: every image differs
     # train and val are different images
-    assert a[os.path.join("train", "star", "star_00000.jpg")] != a[os.path.join("val", "star", "star_00000.jpg")]
+    assert a[os.path.join("train", "star", "star_00000.png")] != a[os.path.join("val", "star", "star_00000.png")]
 
 
 def test_synthetic_reused_from_cache(tmp_path, monkeypatch):

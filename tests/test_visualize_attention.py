@@ -81,7 +81,7 @@ def files(tmp_path_factory, official_teacher):
     """An image and the official full checkpoint of `official_teacher`."""
     root = tmp_path_factory.mktemp("visualize")
     image_path = root / "shape.png"
-    synthetic.synthetic_image(7, np.random.default_rng(1), size=100).save(image_path)  # a hexagon
+    synthetic.synthetic_image(7, np.random.default_rng(1), size=100).save(image_path)  # three squares
     ckpt = root / "official_full.pth"
     teacher = official_teacher.state_dict()
     torch.save({"student": {"module." + k: v.clone() for k, v in teacher.items()}, "teacher": teacher,
