@@ -107,19 +107,35 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
                     f"model (e.g. resnet50) or a timm model name (timm.list_models()).{hint}")
 
 
-def check_input_sizes(model: nn.Module, sizes: Dict[str, int], arch: str) -> None:
+def check_input_sizes(model: nn.Module, sizes: Dict[str, int], arch: str, cpu_bf16: bool = False) -> None:
     """One forward of a single image at each crop size (`sizes`: flag -> pixels) before training, so that a
     backbone that cannot take a size (a convnet whose downsampling leaves nothing of a small local crop) stops
-    here with the flag to change and the smallest size that works, not in the first step."""
+    here with the flag to change and the smallest size that works, not in the first step.
+
+    cpu_bf16: the run trains in bf16 on CPU. There oneDNN's backward of a strided convolution whose input is
+    1x1 sometimes returns NaN weight gradients (torch 2.14.1; docs/performance.md), so such a size stops here too."""
     was_training = model.training
     model.eval()  # batch norms of a single image: use the running statistics
     device = next(model.parameters()).device
 
-    def works(size: int) -> bool:
+    def strided_on_1x1(size: int) -> List[str]:
+        """Names of the strided convolutions that see a 1x1 input at this size (raises if the size fails)."""
+        hits, hooks = [], []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+                hooks.append(m.register_forward_hook(
+                    lambda mod, inp, out, name=name: hits.append(name) if inp[0].shape[-2:] == (1, 1) else None))
         try:
             with torch.no_grad():
                 model(torch.zeros(1, 3, size, size, device=device))
-            return True
+        finally:
+            for h in hooks:
+                h.remove()
+        return hits
+
+    def works(size: int) -> bool:
+        try:
+            return not (strided_on_1x1(size) and cpu_bf16)
         except (RuntimeError, ValueError, AssertionError):
             return False
     try:
@@ -129,7 +145,14 @@ def check_input_sizes(model: nn.Module, sizes: Dict[str, int], arch: str) -> Non
             larger = next((s for s in (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320) if s > size and works(s)),
                           None)
             hint = f"use {flag} {larger} or more" if larger else "use a larger size"
-            raise UserError(f"{arch} cannot take {flag} {size} (the image is too small for its downsampling): {hint}")
+            try:
+                hits = strided_on_1x1(size)
+            except (RuntimeError, ValueError, AssertionError):
+                raise UserError(f"{arch} cannot take {flag} {size} (the image is too small for its downsampling): "
+                                f"{hint}") from None
+            raise UserError(f"{arch} at {flag} {size} gives a 1x1 map to a strided convolution ({hits[0]}), whose "
+                            f"bf16 backward on CPU returns NaN gradients in this PyTorch (docs/performance.md): "
+                            f"train in fp32 (drop --amp_dtype bf16) or {hint}")
     finally:
         model.train(was_training)
 

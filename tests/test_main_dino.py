@@ -200,3 +200,21 @@ def test_a_crop_size_too_small_for_the_backbone_stops_at_start_up_naming_the_fla
         backbones.check_input_sizes(model, {"--global_crops_size": 32, "--local_crops_size": 16}, "convnext_atto")
     assert model.training  # left as it was
     backbones.check_input_sizes(model, {"--global_crops_size": 64, "--local_crops_size": 32}, "convnext_atto")
+
+
+def test_cpu_bf16_on_a_1x1_strided_convolution_stops_at_start_up():
+    """oneDNN's bf16 backward of a strided convolution on a 1x1 input returns NaN weight gradients at times
+    (torch 2.14.1, docs/performance.md): a ResNet-18 with 16 px crops in CPU bf16 stops before training with the
+    way out; in fp32, or at 32 px, it trains."""
+    import torchvision
+    import backbones
+
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    sizes = {"--global_crops_size": 32, "--local_crops_size": 16}
+    with pytest.raises(utils.UserError, match=r"--local_crops_size 16 gives a 1x1 map to a strided convolution "
+                                              r"\(layer4\.0\.conv1\).*drop --amp_dtype bf16.*--local_crops_size 24 or more"):
+        backbones.check_input_sizes(model, sizes, "resnet18", cpu_bf16=True)
+    assert model.training
+    backbones.check_input_sizes(model, sizes, "resnet18")  # fp32: fine
+    backbones.check_input_sizes(model, {"--global_crops_size": 64, "--local_crops_size": 32}, "resnet18", cpu_bf16=True)
