@@ -118,38 +118,36 @@ def check_input_sizes(model: nn.Module, sizes: Dict[str, int], arch: str, cpu_bf
     model.eval()  # batch norms of a single image: use the running statistics
     device = next(model.parameters()).device
 
-    def strided_on_1x1(size: int) -> List[str]:
-        """Names of the strided convolutions that see a 1x1 input at this size (raises if the size fails)."""
+    def strided_on_1x1(size: int) -> Optional[List[str]]:
+        """None when the backbone cannot take this size; else the strided convolutions that see a 1x1 input
+        (looked for only with cpu_bf16)."""
         hits, hooks = [], []
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
-                hooks.append(m.register_forward_hook(
-                    lambda mod, inp, out, name=name: hits.append(name) if inp[0].shape[-2:] == (1, 1) else None))
+        if cpu_bf16:
+            for name, m in model.named_modules():
+                if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+                    hooks.append(m.register_forward_hook(
+                        lambda mod, inp, out, name=name: hits.append(name) if inp[0].shape[-2:] == (1, 1) else None))
         try:
             with torch.no_grad():
                 model(torch.zeros(1, 3, size, size, device=device))
+        except (RuntimeError, ValueError, AssertionError):
+            return None
         finally:
             for h in hooks:
                 h.remove()
         return hits
 
-    def works(size: int) -> bool:
-        try:
-            return not (strided_on_1x1(size) and cpu_bf16)
-        except (RuntimeError, ValueError, AssertionError):
-            return False
     try:
         for flag, size in sizes.items():
-            if works(size):
+            hits = strided_on_1x1(size)
+            if hits == []:
                 continue
-            larger = next((s for s in (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320) if s > size and works(s)),
-                          None)
+            larger = next((s for s in (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320)
+                           if s > size and strided_on_1x1(s) == []), None)
             hint = f"use {flag} {larger} or more" if larger else "use a larger size"
-            try:
-                hits = strided_on_1x1(size)
-            except (RuntimeError, ValueError, AssertionError):
+            if hits is None:
                 raise UserError(f"{arch} cannot take {flag} {size} (the image is too small for its downsampling): "
-                                f"{hint}") from None
+                                f"{hint}")
             raise UserError(f"{arch} at {flag} {size} gives a 1x1 map to a strided convolution ({hits[0]}), whose "
                             f"bf16 backward on CPU returns NaN gradients in this PyTorch (docs/performance.md): "
                             f"train in fp32 (drop --amp_dtype bf16) or {hint}")

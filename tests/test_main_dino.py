@@ -213,7 +213,8 @@ def test_cpu_bf16_on_a_1x1_strided_convolution_stops_at_start_up():
     model.fc = torch.nn.Identity()
     sizes = {"--global_crops_size": 32, "--local_crops_size": 16}
     with pytest.raises(utils.UserError, match=r"--local_crops_size 16 gives a 1x1 map to a strided convolution "
-                                              r"\(layer4\.0\.conv1\).*drop --amp_dtype bf16.*--local_crops_size 24 or more"):
+                                              r"\(layer4\.0\.conv1\).*drop --amp_dtype bf16"
+                                              r".*--local_crops_size 24 or more"):
         backbones.check_input_sizes(model, sizes, "resnet18", cpu_bf16=True)
     assert model.training
     backbones.check_input_sizes(model, sizes, "resnet18")  # fp32: fine
