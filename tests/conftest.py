@@ -123,7 +123,8 @@ def run_cmd(args, cwd=REPO_ROOT, timeout=600, env=None, check=True):
     """Run a command line (list) with the repo on PYTHONPATH; return the CompletedProcess."""
     full_env = dict(os.environ)
     full_env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS", "1"),
-                     "PYTHONUNBUFFERED": "1"})
+                     # a crash (SIGABRT, SIGSEGV) prints the Python stack of every thread: a rare failure says where
+                     "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     full_env.update(env or {})
     # A session of its own: on a timeout the whole group (torchrun's workers, data-loader workers) is killed.
     with subprocess.Popen([str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,

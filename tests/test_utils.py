@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from conftest import PicklePayload
+from conftest import PicklePayload, run_cmd
 import official_dino  # the reference beside this file (pytest puts tests/ on sys.path)
 import checkpointing
 import backbones
@@ -116,6 +117,42 @@ def test_init_distributed_torchrun_single(clean_env):
     args = argparse.Namespace()
     utils.init_distributed_mode(args)
     _check_single_process(args)
+
+
+END_OF_RUN_SCRIPT = """
+import argparse, atexit, os, sys, threading, time
+import utils
+
+def main(args):
+    utils.init_distributed_mode(args)
+    stem = os.path.join(args.out, f"rank{utils.get_rank()}")
+    def late_writer():
+        time.sleep(0.5)
+        with open(stem + ".thread", "w") as f:
+            f.write("done")
+    threading.Thread(target=late_writer).start()  # not a daemon: a normal exit waits for it
+    atexit.register(lambda: open(stem + ".atexit", "w").write("done"))
+    sys.stdout.write(f"rank {utils.get_rank()}: last words without a newline")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out")
+parser.add_argument("--dist_url", default="env://")
+utils.run_script(main, parser.parse_args())
+"""
+
+
+def test_run_script_ends_a_two_process_run_as_a_normal_exit_would(tmp_path):
+    """run_script leaves a finished multi-process run without the interpreter's finalisation (see
+    utils._leave_without_finalization); what a normal exit does for the user's code must still happen:
+    non-daemon threads finish, atexit handlers run, buffered output reaches stdout, exit code 0."""
+    script = tmp_path / "end_of_run.py"
+    script.write_text(END_OF_RUN_SCRIPT)
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    script, "--out", tmp_path], timeout=300)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.thread").read_text() == "done"
+        assert (tmp_path / f"rank{rank}.atexit").read_text() == "done"
+        assert f"rank {rank}: last words without a newline" in proc.stdout
 
 
 def test_setup_for_distributed_silences_non_master(capsys):
