@@ -297,7 +297,7 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
         backbones.check_input_sizes(student.backbone, {"--global_crops_size": args.global_crops_size,
                                                        "--local_crops_size": args.local_crops_size}, args.arch,
-                                    cpu_bf16=args.device.type != "cuda" and args.use_fp16 and args.amp_dtype == "bf16")
+                                    cpu_bf16=runtime.cpu_bf16(args.device, args.use_fp16, args.amp_dtype))
     speed_setup(args, student.backbone, teacher.backbone)
 
     distributed = args.world_size > 1

@@ -3,7 +3,8 @@
 
 - `setup_run(args)`: processes and devices, the flags checked to agree across ranks, seeds, data workers, GPU
   math settings (TF32, or `--deterministic`) and a writable output folder, checked before any training.
-- `precision_setup(device, use_fp16, amp_dtype)`: the autocast context, the gradient scaler and a description.
+- `precision_setup(device, use_fp16, amp_dtype)`: the autocast context, the gradient scaler and a description;
+  `cpu_bf16(...)`: whether that is bf16 on a CPU.
 - `raise_together(error)`: a decision that stops a run, taken by every rank at the same point, so that no rank
   is left waiting in a collective for one that stopped (until --dist_timeout under srun).
 - `StopSignals`: SIGTERM, SIGINT and SIGUSR2 (SLURM's pre-timeout and preemption signal) become a request to
@@ -36,7 +37,7 @@ def precision_setup(device: torch.device, use_fp16: bool, amp_dtype: str = "auto
         return contextlib.nullcontext, None, "fp32 (--use_fp16 false)"
     if device.type != "cuda":
         native = cpu_has_native_bf16()
-        if amp_dtype != "bf16":
+        if not cpu_bf16(device, use_fp16, amp_dtype):
             return contextlib.nullcontext, None, \
                 "fp32 (CPU; --amp_dtype bf16 would use this CPU's native bf16)" if native else "fp32 (CPU)"
         return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None, \
@@ -48,6 +49,11 @@ def precision_setup(device: torch.device, use_fp16: bool, amp_dtype: str = "auto
     scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, \
         f"{'bf16' if use_bf16 else 'fp16 with gradient scaler'} autocast"
+
+def cpu_bf16(device: torch.device, use_fp16: bool, amp_dtype: str) -> bool:
+    """Whether `precision_setup` trains in bf16 autocast on a CPU: only when asked for by name (auto is fp32 there).
+    The one rule for the checks that only concern that case (backbones.check_input_sizes)."""
+    return device.type != "cuda" and use_fp16 and amp_dtype == "bf16"
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; oneDNN's check)."""

@@ -4,7 +4,7 @@
 # DINO, iBOT, KoLeo, CLS-token and SPD losses, 4 epochs, then the k-NN evaluation of the student.
 #
 # Data:     Imagenette: DATA holds train/ and val/. TEACHER: recipes/cpu_laptop.sh's checkpoint (measured
-#           with its 15-epoch version of 2026-11-22, no BN head, 20-NN 34.7%; the current one reaches 41.7%).
+#           with its 15-epoch version of 2026-11-22, no BN head, 20-NN 34.7%; the current one reaches 43.6%).
 # Machine:  measured on 2 CPU cores, no GPU (2026-11-22).
 # Expected: student 20-NN top-1 36.8% (teacher 34.7%, a random ViT-Nano 28.2%): 106% of the teacher. The
 #           online k-NN after epochs 2 and 4: 35.2, 36.8%. Training took 77 min on a machine shared with other
