@@ -103,6 +103,21 @@ def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Opti
     runtime.raise_together(error)
 
 
+def nonfinite_weights_error(model: nn.Module, where: str, args) -> Optional[str]:
+    """The message that stops a run whose weights are not finite `where` (e.g. "after epoch 3"), or None; checked
+    before every checkpoint and epoch-end evaluation. Only the loss is checked at every step: a non-finite
+    gradient with a finite loss breaks the weights in one step, and a checkpoint written before the next loss
+    shows it would hold them and be resumed from. One host-device synchronisation per check."""
+    params = [(name, p) for name, p in unwrap(model).named_parameters()]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return None
+    bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
+    return (f"The student's weights are not finite {where} ({len(bad)} of {len(params)} tensors, e.g. "
+            f"{', '.join(bad[:3])}) although the loss was: a non-finite gradient. Stopping without writing "
+            f"this checkpoint: the last good one ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
+            f"untouched and the run resumes from it. {NONFINITE_ADVICE}")
+
+
 def finite_step(student: nn.Module, loss: torch.Tensor, epoch: int, it: int, args, check_grads: bool = True) -> bool:
     """--skip_nonfinite N: whether this step's loss and (with `check_grads`) gradients are finite, agreed by all
     ranks; a non-finite step is skipped (one host-device synchronisation per step, only in this mode) and
@@ -489,6 +504,8 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     niter_per_ep = len(data_loader) // args.grad_accum_steps
 
     def contents(epochs_done: int, ranks: Optional[List[Dict]]) -> Dict[str, Any]:
+        if ranks is not None:  # inside an epoch (at its end, checked before the evaluation)
+            runtime.raise_together(nonfinite_weights_error(student, f"inside epoch {epochs_done}", args))
         saved = {"student": ddp_state_dict(student), **{k: v.state_dict() for k, v in state.items() if v is not None},
                  "optimizer": optimizer.state_dict(), "args": plain_args(args),
                  "nonfinite_skipped": args.nonfinite_skipped, **(extra_checkpoint or {})}
@@ -515,6 +532,7 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
                                           args, fp16_scaler, autocast, bad_images, after_step, rank_position,
                                           run.between_steps, run.tracker, detector)
             data_loader.sampler.set_epoch(epoch, 0)
+            runtime.raise_together(nonfinite_weights_error(student, f"after epoch {epoch}", args))
             log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
             if evaluate is not None:
                 log_stats.update(evaluate(epoch))

@@ -116,6 +116,8 @@ class InputCatcher:
 def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     """RankMe: exp(-sum p_k log p_k), p_k = sigma_k / ||sigma||_1 + eps, sigma the singular values of the
     [N, D] embedding matrix (Garrido et al. 2023). Between 1 and min(N, D)."""
+    if not bool(torch.isfinite(embeddings).all()):
+        return float("nan")  # a broken network has no rank to measure (the training loop stops it, saying why)
     s = torch.linalg.svdvals(embeddings.detach().double())
     p = s / s.sum().clamp_min(1e-30) + eps
     return float(torch.exp(-(p * torch.log(p)).sum()))

@@ -289,6 +289,44 @@ def test_nonfinite_step_beyond_the_limit_stops_and_keeps_checkpoint(cifar_40, tm
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1  # the good epoch-0 checkpoint, not a broken state
 
 
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: a finite loss whose step breaks the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("bad_step,flags,where", [
+    (9, (), "after epoch 1"),  # the last step of epoch 1 (5 per epoch), just before its checkpoint
+    (7, ("--saveckp_every_iters", 2), "inside epoch 1"),  # just before a mid-epoch checkpoint (after step 7)
+])
+def test_nonfinite_gradient_with_finite_loss_is_never_checkpointed(cifar_40, tmp_path, monkeypatch, bad_step,
+                                                                   flags, where):
+    """A step with a finite loss and NaN gradients breaks the weights just before a checkpoint: the run stops
+    without writing it, and the last good checkpoint stays (only the loss is checked at every step)."""
+    from losses.dino import DINOLoss
+    forward, calls = DINOLoss.forward, []
+
+    def faulty(self, *a, **k):
+        loss = forward(self, *a, **k)
+        calls.append(None)
+        return _NaNGradient.apply(loss) if len(calls) - 1 == bad_step else loss
+    monkeypatch.setattr(DINOLoss, "forward", faulty)
+    out = tmp_path / "run"
+    with pytest.raises(utils.UserError, match=rf"weights are not finite {where} .*although the loss was.*"
+                                              r"untouched and the run resumes from it"):
+        _train(cifar_40, out, *flags)
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    # the last good one: after epoch 0, or inside epoch 1 after its first step (iteration 5)
+    assert ckpt["epoch"] == 1 and ckpt.get("position", {}).get("batches") == (1 if flags else None)
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
 def test_nonfinite_without_skipping_stops_at_once(cifar_40, tmp_path, nan_at):
     nan_at(2)
     out = tmp_path / "run"

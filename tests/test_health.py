@@ -77,6 +77,7 @@ def test_feature_spread_and_rankme():
     assert health.rankme(torch.eye(20)) == pytest.approx(20, rel=1e-3)
     assert health.rankme(torch.randn(100, 1) @ torch.randn(1, 50)) < 1.01
     assert 30 < health.rankme(torch.randn(256, 64)) <= 64
+    assert math.isnan(health.rankme(torch.full((8, 4), float("nan"))))  # a broken network: NaN, not an SVD error
 
 
 def test_detector_needs_the_collapse_held_for_a_window_after_the_warm_up():
