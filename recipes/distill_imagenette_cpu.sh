@@ -3,13 +3,14 @@
 # head) distilled into a ViT-Nano/16 (2.5M parameters, 0.45x the teacher) on Imagenette at 64/32 px, with the
 # DINO, iBOT, KoLeo, CLS-token and SPD losses, 4 epochs, then the k-NN evaluation of the student.
 #
-# Data:     Imagenette: DATA holds train/ and val/. TEACHER: recipes/cpu_laptop.sh's checkpoint (measured
-#           with its 15-epoch version of 2026-11-22, no BN head, 20-NN 34.7%; the current one reaches 43.6%).
-# Machine:  measured on 2 CPU cores, no GPU (2026-11-22).
-# Expected: student 20-NN top-1 36.8% (teacher 34.7%, a random ViT-Nano 28.2%): 106% of the teacher. The
-#           online k-NN after epochs 2 and 4: 35.2, 36.8%. Training took 77 min on a machine shared with other
-#           jobs (9 images/s); with a ViT-Tiny student on a quieter machine the same recipe ran at 35 images/s
-#           (24 min). All five losses fall.
+# Data:     Imagenette: DATA holds train/ and val/. TEACHER: recipes/cpu_laptop.sh's checkpoint (32 epochs,
+#           20-NN 43.6%).
+# Machine:  measured on 2 CPU cores, no GPU, alone on the machine, with TRAIN_EXTRA="--amp_dtype bf16"
+#           (2026-12-05): 17.1 min wall in all (training 16.7 min at 38-41 images/s).
+# Expected: student 20-NN top-1 37.9% (teacher 43.6%, a random ViT-Nano 28.2%): 87% of the teacher, 4 epochs.
+#           The online 20-NN after epochs 2 and 4: 35.3, 38.1%. All five losses fall (total 19.27 -> 17.41).
+#           With the 15-epoch teacher of 2026-11-22 (20-NN 34.7%) the student reached 36.8% (fp32, 77 min on a
+#           machine shared with other jobs).
 #
 #   bash recipes/distill_imagenette_cpu.sh        TEACHER=runs/x/checkpoint.pth bash recipes/distill_imagenette_cpu.sh
 source "$(dirname "$0")/common.sh"
