@@ -8,6 +8,7 @@ Imports torch, numpy and the standard library only; `checkpointing` (which build
 three official checkpoint helpers that forward to it.
 """
 import argparse
+import atexit
 import builtins
 import datetime
 import os
@@ -15,6 +16,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -71,14 +73,12 @@ def _leave_without_finalization(code: int) -> None:
 
     A finished 2-process run once ended with SIGABRT in one rank ('terminate called without an active
     exception': a failed job after a successful run) after the barrier and destroy_process_group(); rare (one
-    CI run; not seen again in 165 repetitions). That message is the C++ runtime's when Python ends a native
+    CI run; not seen again in 188 local repetitions). That message is the C++ runtime's when Python ends a native
     thread that asks for the GIL during finalisation, as a communication thread dropping its last tensor
     does; skipping finalisation leaves no such window. The process group is not destroyed either (one teardown
     path less): every collective is done (the barrier above), the operating system closes the connections,
     and a gloo peer takes a closed connection after its last collective (measured: a peer leaving with
     os._exit after the barrier leaves the other rank running and able to destroy its group)."""
-    import atexit
-    import threading
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
