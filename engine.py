@@ -103,19 +103,20 @@ def check_finite(loss: torch.Tensor, epoch: int, it: int, args, all_finite: Opti
     runtime.raise_together(error)
 
 
-def nonfinite_weights_error(model: nn.Module, where: str, args) -> Optional[str]:
-    """The message that stops a run whose weights are not finite `where` (e.g. "after epoch 3"), or None; checked
+def check_finite_weights(model: nn.Module, where: str, args) -> None:
+    """Stop when the weights of `model` are not finite `where` (e.g. "after epoch 3"); beside `check_finite`
     before every checkpoint and epoch-end evaluation. Only the loss is checked at every step: a non-finite
     gradient with a finite loss breaks the weights in one step, and a checkpoint written before the next loss
-    shows it would hold them and be resumed from. One host-device synchronisation per check."""
+    shows it would hold them and be resumed from. One host-device synchronisation; collective, as check_finite."""
     params = [(name, p) for name, p in unwrap(model).named_parameters()]
-    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
-        return None
-    bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
-    return (f"The student's weights are not finite {where} ({len(bad)} of {len(params)} tensors, e.g. "
-            f"{', '.join(bad[:3])}) although the loss was: a non-finite gradient. Stopping without writing "
-            f"this checkpoint: the last good one ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) is "
-            f"untouched and the run resumes from it. {NONFINITE_ADVICE}")
+    error = None
+    if params and not bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
+        error = (f"The student's weights are not finite {where} ({len(bad)} of {len(params)} tensors, e.g. "
+                 f"{', '.join(bad[:3])}) although the loss was: a non-finite gradient. Stopping without writing "
+                 f"this checkpoint: the last good one ({os.path.join(args.output_dir, 'checkpoint.pth')}, if any) "
+                 f"is untouched and the run resumes from it. {NONFINITE_ADVICE}")
+    runtime.raise_together(error)
 
 
 def finite_step(student: nn.Module, loss: torch.Tensor, epoch: int, it: int, args, check_grads: bool = True) -> bool:
@@ -182,6 +183,7 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
     def position_fn() -> Dict[str, Any]:
         if not skip_nonfinite:
             check_finite(loss, epoch, it_local, args, None if check_every_step else all_finite)
+        check_finite_weights(student, f"inside epoch {epoch}", args)
         return {"batches": it_local + 1, "n_images": n_images, "meters": metric_logger.state_dict(),
                 "elapsed": elapsed_before + time.time() - epoch_start,
                 "bad_images": dict(bad_images.seen) if bad_images is not None else {}}
@@ -259,6 +261,7 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
             between_steps(it, position_fn)
     if not skip_nonfinite:
         check_finite(loss, epoch, it_local, args, all_finite)
+    check_finite_weights(student, f"after epoch {epoch}", args)
 
     return epoch_stats(metric_logger, n_images, elapsed_before + time.time() - epoch_start, bad_images, args)
 
@@ -504,8 +507,6 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     niter_per_ep = len(data_loader) // args.grad_accum_steps
 
     def contents(epochs_done: int, ranks: Optional[List[Dict]]) -> Dict[str, Any]:
-        if ranks is not None:  # inside an epoch (at its end, checked before the evaluation)
-            runtime.raise_together(nonfinite_weights_error(student, f"inside epoch {epochs_done}", args))
         saved = {"student": ddp_state_dict(student), **{k: v.state_dict() for k, v in state.items() if v is not None},
                  "optimizer": optimizer.state_dict(), "args": plain_args(args),
                  "nonfinite_skipped": args.nonfinite_skipped, **(extra_checkpoint or {})}
@@ -532,7 +533,6 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
                                           args, fp16_scaler, autocast, bad_images, after_step, rank_position,
                                           run.between_steps, run.tracker, detector)
             data_loader.sampler.set_epoch(epoch, 0)
-            runtime.raise_together(nonfinite_weights_error(student, f"after epoch {epoch}", args))
             log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
             if evaluate is not None:
                 log_stats.update(evaluate(epoch))

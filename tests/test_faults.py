@@ -246,18 +246,33 @@ def test_pickle_payload_refused_from_the_command_line_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Non-finite steps
 # ----------------------------------------------------------------------------------------------------
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: a finite loss whose step breaks the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 @pytest.fixture
 def nan_at(monkeypatch):
-    """Make the DINO loss NaN at the given (0-based) calls: a fault injected from outside."""
+    """Make the DINO loss NaN at the given (0-based) calls, or with `gradient_only` its gradients alone (the
+    loss stays finite): a fault injected from outside."""
     from losses.dino import DINOLoss
 
-    def inject(*iterations):
+    def inject(*iterations, gradient_only=False):
         forward, calls = DINOLoss.forward, []
 
         def faulty(self, *a, **k):
             loss = forward(self, *a, **k)
             calls.append(None)
-            return loss * float("nan") if len(calls) - 1 in iterations else loss
+            if len(calls) - 1 not in iterations:
+                return loss
+            return _NaNGradient.apply(loss) if gradient_only else loss * float("nan")
         monkeypatch.setattr(DINOLoss, "forward", faulty)
     return inject
 
@@ -289,34 +304,15 @@ def test_nonfinite_step_beyond_the_limit_stops_and_keeps_checkpoint(cifar_40, tm
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1  # the good epoch-0 checkpoint, not a broken state
 
 
-class _NaNGradient(torch.autograd.Function):
-    """The identity forward, NaN gradients backward: a finite loss whose step breaks the weights."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
 @pytest.mark.parametrize("bad_step,flags,where", [
     (9, (), "after epoch 1"),  # the last step of epoch 1 (5 per epoch), just before its checkpoint
     (7, ("--saveckp_every_iters", 2), "inside epoch 1"),  # just before a mid-epoch checkpoint (after step 7)
 ])
-def test_nonfinite_gradient_with_finite_loss_is_never_checkpointed(cifar_40, tmp_path, monkeypatch, bad_step,
-                                                                   flags, where):
+def test_nonfinite_gradient_with_finite_loss_is_never_checkpointed(cifar_40, tmp_path, nan_at, bad_step, flags,
+                                                                   where):
     """A step with a finite loss and NaN gradients breaks the weights just before a checkpoint: the run stops
     without writing it, and the last good checkpoint stays (only the loss is checked at every step)."""
-    from losses.dino import DINOLoss
-    forward, calls = DINOLoss.forward, []
-
-    def faulty(self, *a, **k):
-        loss = forward(self, *a, **k)
-        calls.append(None)
-        return _NaNGradient.apply(loss) if len(calls) - 1 == bad_step else loss
-    monkeypatch.setattr(DINOLoss, "forward", faulty)
+    nan_at(bad_step, gradient_only=True)
     out = tmp_path / "run"
     with pytest.raises(utils.UserError, match=rf"weights are not finite {where} .*although the loss was.*"
                                               r"untouched and the run resumes from it"):
