@@ -232,6 +232,15 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return x.mul(_NORM_SCALE).add_(_NORM_SHIFT)  # cheaper than the broadcasting addcmul
 
 
+def unnormalize(img: torch.Tensor) -> np.ndarray:
+    """The inverse of the ImageNet normalisation for display: [1, 3, H, W] (or [3, H, W]) -> [H, W, 3] uint8,
+    the colours the model was shown, rounded to the nearest 8-bit level as torchvision.utils.save_image does."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    x = (img.reshape(3, *img.shape[-2:]).detach().cpu().float() * std + mean).clamp(0, 1)
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 class CropParams:
     """The random parameters of one crop, drawn by `CropAugmentation.sample`."""
     __slots__ = ("box", "flip", "jitter", "gray", "blur", "solarize")

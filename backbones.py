@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpointing
+import runtime
 import utils
 import vision_transformer as vits
 from utils import UserError
@@ -52,23 +53,33 @@ def _strip_torchvision_classifier(model: nn.Module) -> int:
     raise UserError(f"cannot find the classifier of torchvision model {type(model).__name__} to replace")
 
 
-def add_model_args(parser, batch_size: int = 128, num_workers: int = 10) -> None:
-    """The flags of the scripts that run a trained network on images (eval_knn.py, extract_features.py,
-    visualize_features.py): which network, which weights, which pixels, how many at once."""
-    parser.add_argument('--batch_size_per_gpu', default=batch_size, type=int, help='Per-GPU batch-size')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to
-        evaluate (a checkpoint of main_dino.py/main_distill.py, an official DINO checkpoint, a torchvision, timm
-        or Meta DINOv3 state_dict). Empty: random weights (never a download).""")
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano/tiny/small/base/large
-        (deit_* aliases), a torchvision model (resnet50) or any timm model name (vit_small_patch16_dinov3).""")
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
+def add_model_args(parser, *, arch: Optional[str] = "vit_small", patch_size: Optional[int] = 16,
+                   weights: bool = True, images: bool = True, batch_size: int = 128, num_workers: int = 10) -> None:
+    """The model flags of every script that builds a network and loads weights, defined here once: --arch,
+    --patch_size, --pretrained_weights (unless `weights` is False) and --checkpoint_key; with `images`, also how
+    evaluation feeds it (--batch_size_per_gpu, --resize_size, --crop_size, --num_workers). The defaults are the
+    script's: visualize_attention.py's --patch_size 8 (official), export_backbone.py's None (from the checkpoint)."""
+    saved = " Default: the one the checkpoint records."
+    parser.add_argument('--arch', default=arch, type=str, help="""Architecture: vit_nano/tiny/small/base/large
+        (deit_* aliases), a torchvision classification model (e.g. resnet50) or any timm model name (e.g.
+        vit_small_patch16_dinov3). Weights are never downloaded.""" + ("" if arch else saved))
+    parser.add_argument('--patch_size', default=patch_size, type=int,
+                        help="Patch resolution of the model (our ViTs)." + ("" if patch_size else saved))
+    if weights:
+        parser.add_argument('--pretrained_weights', default='', type=str, help="""Weights to start from or to
+            evaluate: a checkpoint of main_dino.py or main_distill.py, an official DINO file, a backbone-only file
+            of export_backbone.py, a torchvision or timm state_dict, Meta's DINOv2 or DINOv3 files (an http(s) URL
+            is downloaded once). Empty: random weights.""")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Key to use in the checkpoint (example: "teacher")')
-    parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize
-        (256 for ImageNet-size images; e.g. 32 for CIFAR at 32 px).""")
-    parser.add_argument('--crop_size', default=224, type=int, help='Side of the center crop that is evaluated.')
-    parser.add_argument('--num_workers', default=num_workers, type=int,
-                        help='Number of data loading workers per GPU.')
+    if images:
+        parser.add_argument('--batch_size_per_gpu', default=batch_size, type=int, help='Per-GPU batch-size')
+        parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize
+            (256 for ImageNet-size images; e.g. 32 for CIFAR at 32 px).""")
+        parser.add_argument('--crop_size', default=224, type=int,
+                            help='Side of the center crop (and of the train crops of eval_linear.py).')
+        parser.add_argument('--num_workers', default=num_workers, type=int,
+                            help='Number of data loading workers per GPU.')
 
 
 def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
@@ -107,52 +118,56 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
                     f"model (e.g. resnet50) or a timm model name (timm.list_models()).{hint}")
 
 
-def check_input_sizes(model: nn.Module, sizes: Dict[str, int], arch: str, cpu_bf16: bool = False) -> None:
+def check_input_sizes(model: nn.Module, sizes: Dict[str, int], arch: str) -> None:
     """One forward of a single image at each crop size (`sizes`: flag -> pixels) before training, so that a
     backbone that cannot take a size (a convnet whose downsampling leaves nothing of a small local crop) stops
-    here with the flag to change and the smallest size that works, not in the first step.
+    here with the flag to change and the smallest size that works, not in the first step."""
+    for flag, size in sizes.items():
+        if _strided_conv_inputs(model, size) is None:
+            hint = _larger_size_hint(flag, size, lambda s: _strided_conv_inputs(model, s) is not None)
+            raise UserError(f"{arch} cannot take {flag} {size} (the image is too small for its downsampling): {hint}")
 
-    cpu_bf16: the run trains in bf16 on CPU. There oneDNN's backward of a strided convolution whose input is
-    1x1 sometimes returns NaN weight gradients (torch 2.14.1; docs/performance.md), so such a size stops here too."""
-    was_training = model.training
-    model.eval()  # batch norms of a single image: use the running statistics
-    device = next(model.parameters()).device
 
-    def strided_on_1x1(size: int) -> Optional[List[str]]:
-        """None when the backbone cannot take this size; else the strided convolutions that see a 1x1 input
-        (looked for only with cpu_bf16)."""
-        hits, hooks = [], []
-        if cpu_bf16:
-            for name, m in model.named_modules():
-                if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
-                    hooks.append(m.register_forward_hook(
-                        lambda mod, inp, out, name=name: hits.append(name) if inp[0].shape[-2:] == (1, 1) else None))
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, 3, size, size, device=device))
-        except (RuntimeError, ValueError, AssertionError):
-            return None
-        finally:
-            for h in hooks:
-                h.remove()
-        return hits
+def check_cpu_bf16_convolutions(model: nn.Module, sizes: Dict[str, int], arch: str) -> None:
+    """For a run in bf16 on a CPU: stop before training when a crop size gives a strided convolution a 1x1 input,
+    whose oneDNN backward returns NaN weight gradients (docs/performance.md)."""
+    def on_1x1(size: int) -> List[str]:
+        return [name for name, hw in _strided_conv_inputs(model, size) or [] if hw == (1, 1)]
 
-    try:
-        for flag, size in sizes.items():
-            hits = strided_on_1x1(size)
-            if hits == []:
-                continue
-            larger = next((s for s in (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320)
-                           if s > size and strided_on_1x1(s) == []), None)
-            hint = f"use {flag} {larger} or more" if larger else "use a larger size"
-            if hits is None:
-                raise UserError(f"{arch} cannot take {flag} {size} (the image is too small for its downsampling): "
-                                f"{hint}")
+    for flag, size in sizes.items():
+        hits = on_1x1(size)
+        if hits:
+            hint = _larger_size_hint(flag, size, lambda s: _strided_conv_inputs(model, s) is not None and not on_1x1(s))
             raise UserError(f"{arch} at {flag} {size} gives a 1x1 map to a strided convolution ({hits[0]}), whose "
                             f"bf16 backward on CPU returns NaN gradients in this PyTorch (docs/performance.md): "
                             f"train in fp32 (drop --amp_dtype bf16) or {hint}")
+
+
+def _strided_conv_inputs(model: nn.Module, size: int) -> Optional[List[Tuple[str, Tuple[int, int]]]]:
+    """(name, input height and width) of every strided convolution in one forward of a `size` x `size` image, in
+    eval mode (batch norms of one image use their running statistics); None when the model cannot take it."""
+    seen, hooks = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: seen.append((name, tuple(inp[0].shape[-2:])))))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    except (RuntimeError, ValueError, AssertionError):
+        return None
     finally:
+        for h in hooks:
+            h.remove()
         model.train(was_training)
+    return seen
+
+
+def _larger_size_hint(flag: str, size: int, works: Callable[[int], bool]) -> str:
+    larger = next((s for s in (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320) if s > size and works(s)), None)
+    return f"use {flag} {larger} or more" if larger else "use a larger size"
 
 
 def is_vit(arch: str) -> bool:
@@ -206,11 +221,7 @@ def extract_features(model: nn.Module, data_loader, device: torch.device, use_cu
         local.append(feats if use_cuda else feats.cpu())
         errors += [b for b in bad if b]
     features = gather_in_order(torch.cat(local), len(data_loader.dataset))
-    if utils.is_dist_avail_and_initialized() and dist.get_world_size() > 1:
-        all_errors: List[List[str]] = [None] * dist.get_world_size()
-        dist.all_gather_object(all_errors, errors)
-        errors = sorted({e for rank_errors in all_errors for e in rank_errors})
-    return features.to(device if use_cuda else "cpu"), errors
+    return features.to(device if use_cuda else "cpu"), runtime.union_over_ranks(errors)
 
 
 def readable_mask(samples: Sequence[Tuple[str, int]], errors: Sequence[str]) -> torch.Tensor:

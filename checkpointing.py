@@ -9,14 +9,15 @@ import os
 import pickle
 import random
 import re
+import secrets
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
-from utils import UserError, is_main_process
+from runtime import UserError, is_main_process
 
 
 def strip_prefix(state_dict: Dict[str, Any], prefix: str) -> Dict[str, Any]:
@@ -51,13 +52,17 @@ def _flatten_py_state(st: tuple) -> Iterable:
     return [version, *internal, "None" if gauss is None else gauss]
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """Atomic save: temporary file in the same folder, fsync, rename. A crash never destroys `path`."""
+def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb", what: str = "file") -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, then rename: `path` is the old file or the new one,
+    never half of either, whatever kills the process. Every file the project writes goes through here (bar the
+    self-contained synthetic.py). The temporary name, `.NAME.tmpPID.XXXXXXXX`, is unique and names its writer,
+    so that `remove_stale_temporaries` can tell a killed writer's leftovers from a write in progress. A write
+    that fails (a full disk) stops with one message naming the file (`what` it is) and what to do."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode.replace("w", "x")) as f:  # exclusive creation: unique even between hosts sharing the folder
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,9 +71,9 @@ def atomic_save(obj: Any, path: str) -> None:
             os.remove(tmp)
         # A full disk surfaces as OSError, or as RuntimeError from torch's zip writer.
         if isinstance(e, (OSError, RuntimeError)):
-            raise UserError(f"could not write checkpoint {path}: {_first_line(e)}. The previous checkpoint, if "
-                            "any, is intact; free disk space or choose another --output_dir, then rerun to "
-                            "resume") from None
+            raise UserError(f"could not write {what} {path}: {_first_line(e)}. The previous {what}, if any, is "
+                            "intact; free disk space or choose another --output_dir, then run the same command "
+                            "again") from None
         raise
     try:  # make the rename itself durable
         fd = os.open(directory, os.O_RDONLY)
@@ -80,10 +85,22 @@ def atomic_save(obj: Any, path: str) -> None:
         pass
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save of `obj` to `path` through `atomic_write`: a crash never destroys the previous file."""
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
+
+
+def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flags as a plain dict (numbers, strings, lists; anything else as its string), for a checkpoint that
+    loads with weights_only=True and for the loggers' run configuration."""
+    return {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
+            for k, v in vars(args).items()}
+
+
 def remove_stale_temporaries(directory: str) -> None:
-    """Remove the temporary files of checkpoint writes that a killed process left in `directory`."""
+    """Remove the temporary files of `atomic_write` that a killed process left in `directory`."""
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        match = re.fullmatch(r"\..+\.tmp(\d+)", name)
+        match = re.fullmatch(r"\..+\.tmp(\d+)(\.\w+)?", name)
         if match and not _process_alive(int(match.group(1))):
             try:
                 os.remove(os.path.join(directory, name))

@@ -29,10 +29,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import augmentations
+import checkpointing
 import layouts
+import runtime
 import synthetic
 from layouts import LAYOUTS, has_labels, resolve_roots  # noqa: F401  (for callers: data.LAYOUTS, ...)
-from utils import UserError, print_all_ranks
+from runtime import UserError, print_all_ranks
 
 # ----------------------------------------------------------------------------------------------------
 # Image decoding
@@ -171,15 +173,9 @@ def pack_image_folders(splits: Dict[str, str], out_path: str, per_class: Optiona
     arrays["headers"] = np.frombuffer(b"".join(header_list), dtype=np.uint8)
     arrays["header_offsets"] = np.concatenate([[0], np.cumsum([len(h) for h in header_list])]).astype(np.int64)
     arrays["classes"] = _joined(classes or [])
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(out_path)}.tmp{os.getpid()}.npz")
-    try:
-        np.savez(tmp, **arrays)  # not compressed: JPEG data does not compress
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    # not compressed: JPEG data does not compress
+    checkpointing.atomic_write(out_path, lambda f: np.savez(f, **arrays), what="packed file")
     return counts
 
 
@@ -428,18 +424,19 @@ def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank:
 
 
 class BadImageTracker:
-    """Reports each unreadable image once, counts them, and stops the run above a fraction.
+    """Reports each unreadable image once, counts them, and stops the run above a fraction of the dataset.
 
-    `update(reports)` records and stops at once (one process); in a distributed run the training loop records
-    with `update(reports, check=False)` and stops every rank together on `error()` (runtime.raise_together), so
-    that a rank over the limit does not leave the others waiting."""
+    `agree(reports)`, the training loop's call for every batch on every rank, records this rank's reports and
+    stops every rank together when any is over the limit (runtime.raise_together), so that a rank over the limit
+    does not leave the others waiting. `state_dict()` goes into a mid-epoch checkpoint."""
 
     def __init__(self, dataset_size: int, max_fraction: float):
         self.dataset_size = dataset_size
         self.max_fraction = max_fraction
         self.seen: Dict[str, str] = {}
 
-    def update(self, reports: Sequence[str], check: bool = True) -> None:
+    def update(self, reports: Sequence[str]) -> None:
+        """Record `reports` ("path: reason" lines; "" for a readable image), naming each new image once."""
         for report in reports:
             for line in report.splitlines():
                 path, _, error = line.partition(": ")
@@ -447,8 +444,12 @@ class BadImageTracker:
                     self.seen[path] = error
                     print_all_ranks(f"WARNING: skipped unreadable image {path} ({error}); replaced by "
                                     "another sample")
-        if check:
-            self.check()
+
+    def agree(self, reports: Sequence[str]) -> None:
+        """Record this rank's `reports`, then stop on every rank when any rank is over the limit (collective)."""
+        if any(reports):
+            self.update(reports)
+        runtime.raise_together(self.error())
 
     def error(self) -> Optional[str]:
         """The message that stops the run when more than the allowed fraction is unreadable, else None."""
@@ -458,14 +459,15 @@ class BadImageTracker:
                     f"{next(iter(self.seen))}. Fix or remove them, or raise --max_bad_images_fraction")
         return None
 
-    def check(self) -> None:
-        error = self.error()
-        if error:
-            raise UserError(error)
-
     @property
     def count(self) -> int:
         return len(self.seen)
+
+    def state_dict(self) -> Dict[str, str]:
+        return dict(self.seen)
+
+    def load_state_dict(self, state: Dict[str, str]) -> None:
+        self.seen.update(state)
 
 
 def _ignore_stop_signals() -> None:
@@ -518,8 +520,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
         # Its own generator: creating iterators must not consume the training RNG (exact resume).
         generator=torch.Generator().manual_seed(seed),
         collate_fn=collate_fn, persistent_workers=num_workers > 0,
-        # 2 batches queued per worker (PyTorch's default): the queue only absorbs jitter, since a loader that is
-        # slower than the step on average empties any queue. 4 held about 5 GB of crops per rank (10 workers x 4
-        # batches of 64 x (2 x 224^2 + 8 x 96^2) x 3 float32 = 134 MB each), 2.7 GB now, in pinned memory too.
+        # 2 batches queued per worker (PyTorch's default): a queue only absorbs jitter, and every queued batch of
+        # float32 crops costs memory (pinned memory too on GPU).
         prefetch_factor=2 if num_workers > 0 else None,
     )

@@ -16,12 +16,12 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import backbones
 import checkpointing
 import data
+import runtime
 import utils
 
 
@@ -154,14 +154,14 @@ def build_knn_data(args: argparse.Namespace):
     return train, val
 
 
-def online_knn(backbone: nn.Module, knn_datasets, args: argparse.Namespace, autocast, who: str) -> Dict[str, float]:
-    """20-NN accuracy of `backbone`; {knn_top1, knn_top5, knn_time}."""
+def online_knn(backbone: nn.Module, knn_datasets, batch_size: int, num_workers: int, device: torch.device, autocast,
+               who: str) -> Dict[str, float]:
+    """20-NN accuracy of `backbone` (`who` it is) on the (train, val) `knn_datasets`; {knn_top1, knn_top5, knn_time}."""
     start = time.time()
     was_training = backbone.training
     backbone.eval()  # batch norms use their running statistics, as in eval_knn.py
     with autocast():
-        train_f, train_l, test_f, test_l = compute_features(
-            backbone, *knn_datasets, args.batch_size_per_gpu, args.num_workers, args.device)
+        train_f, train_l, test_f, test_l = compute_features(backbone, *knn_datasets, batch_size, num_workers, device)
     backbone.train(was_training)
     top1, top5 = knn_accuracy(train_f.float(), train_l, test_f.float(), test_l, k=20, T=0.07)
     print(f"Online 20-NN of the {who}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({time.time() - start:.0f} s)")
@@ -178,7 +178,8 @@ def online_knn_callback(args: argparse.Namespace, backbone: nn.Module, autocast,
 
     def evaluate(epoch: int) -> Dict[str, float]:
         if (epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs:
-            return online_knn(backbone, datasets, args, autocast, who)
+            return online_knn(backbone, datasets, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                              device=args.device, autocast=autocast, who=who)
         return {}
     return evaluate
 
@@ -213,10 +214,9 @@ def load_features(folder: str) -> List[torch.Tensor]:
 # Script
 # ----------------------------------------------------------------------------------------------------
 def eval_knn(args: argparse.Namespace) -> List[Tuple[int, float, float]]:
-    utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed)
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    runtime.init_distributed_mode(args)
+    runtime.fix_random_seeds(args.seed)  # random weights: the same on every rank and in every run
+    runtime.print_run_info(args)
     if min(args.nb_knn) < 1 or args.temperature <= 0:
         raise utils.UserError("--nb_knn values must be at least 1 and --temperature positive")
     if args.load_features:
@@ -244,11 +244,9 @@ def eval_knn(args: argparse.Namespace) -> List[Tuple[int, float, float]]:
             top1, top5 = knn_accuracy(train_features, train_labels, test_features, test_labels, k, args.temperature)
             print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
             results.append((k, top1, top5))
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
     return results
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
-    utils.run_script(eval_knn, parser.parse_args())
+    runtime.run_script(eval_knn, parser.parse_args())

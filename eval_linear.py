@@ -27,15 +27,14 @@ import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import augmentations
 import backbones
-import runtime
 import data
 import engine
+import runtime
 import tracking
 import utils
 
@@ -53,15 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="""Whether or not to concatenate the global average pooled features to the [CLS] token.
         We typically set this to False for ViT-Small and to True with ViT-Base. `both`: train heads with and without
         it in the same pass (with every --lrs value) and keep the best. ViTs only.""")
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano/tiny/small/base/large
-        (deit_* aliases), a torchvision model (resnet50) or any timm model name. Non-ViTs give the linear head
-        model(images).""")
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to evaluate
-        (a checkpoint of main_dino.py, an official DINO checkpoint, a torchvision, timm or Meta DINOv3 state_dict).
-        Empty: random weights, with a warning (never a download).""")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
+    backbones.add_model_args(parser)  # --arch, --patch_size, --pretrained_weights, --checkpoint_key, data flags
     parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
     parser.add_argument("--lr", default=0.001, type=float, help="""Learning rate at the beginning of
         training (highest LR used during training). The learning rate is linearly scaled
@@ -70,15 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--lrs', default=None, type=float, nargs='+', help="""Several learning rates (each like
         --lr, for a batch of 256) trained side by side in one pass over the frozen features, one linear head each;
         every head's accuracy is reported and the best head is kept. Default: just --lr.""")
-    parser.add_argument('--batch_size_per_gpu', default=128, type=int, help='Per-GPU batch-size')
     utils.add_distributed_args(parser)
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
                         help='Folder with train/ and val/ ImageFolder trees (or "synthetic").')
-    parser.add_argument('--resize_size', default=256, type=int, help="""Short side after the bicubic resize of the
-        val transform (256 for ImageNet-size images; e.g. 32 for CIFAR at 32 px).""")
-    parser.add_argument('--crop_size', default=224, type=int,
-                        help='Side of the val center crop and of the train RandomResizedCrop.')
-    parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per GPU.')
     parser.add_argument('--val_freq', default=1, type=int, help="Epoch frequency for validation.")
     parser.add_argument('--output_dir', default=".", help='Path to save logs and checkpoints')
     parser.add_argument('--num_labels', default=1000, type=int, help="""Number of labels for linear classifier.
@@ -94,18 +79,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train_augmentation', default=True, type=utils.bool_flag, help="""RandomResizedCrop and
         horizontal flips on the train images (official). False: the val transform, as --cache_features uses, with
         the features recomputed every epoch.""")
-    parser.add_argument('--use_fp16', default=True, type=utils.bool_flag, help="""Run the frozen backbone under
-        autocast (see --amp_dtype); the heads train in fp32.""")
-    parser.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'], help="""With --use_fp16:
-        auto = bf16 on GPUs that support it, else fp16; fp32 on CPU. bf16 also on CPU (fast on CPUs with
-        AVX512-BF16 or AMX). fp16: GPU only.""")
+    runtime.add_precision_args(parser)  # --use_fp16, --amp_dtype: the frozen backbone's; the heads train in fp32
     parser.add_argument('--seed', default=0, type=int, help="""Seed of the head initialisation, the shuffling and
         the augmentations (and of the random backbone when no --pretrained_weights are given).""")
     parser.add_argument('--print_freq', default=20, type=int, help='Print progress every x iterations.')
     tracking.add_tracking_args(parser)
-    parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth.tar every
-        x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
-        of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
+    engine.add_checkpoint_args(parser)  # --saveckp_every_iters
     return parser
 
 
@@ -152,15 +131,6 @@ def name_unreadable(errors: Iterable[str], split: str, named: Set[str]) -> None:
             print(f"WARNING: unreadable {split} image left out of training and accuracy: {e}")
 
 
-def all_ranks_errors(errors: List[str]) -> List[str]:
-    """The union of every rank's list (one collective); the list itself without a process group."""
-    if not utils.is_dist_avail_and_initialized() or dist.get_world_size() == 1:
-        return sorted(set(errors))
-    gathered: List[List[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, errors)
-    return sorted({e for rank_errors in gathered for e in rank_errors})
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training and validation
 # ----------------------------------------------------------------------------------------------------
@@ -193,10 +163,10 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, readable: torch
 
 
 def train_heads(heads: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, num_batches: int,
-                    names: Sequence[str], device: torch.device, epoch: int, print_freq: int = 20,
-                    to_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    position: Optional[Dict] = None, between_steps: Optional[Callable[[int, Callable], None]] = None,
-                    tracker: Optional[tracking.Tracker] = None) -> Dict[str, Dict[str, float]]:
+                names: Sequence[str], device: torch.device, epoch: int, *, print_freq: int = 20,
+                to_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                position: Optional[Dict] = None, between_steps: Optional[Callable[[int, Callable], None]] = None,
+                tracker: Optional[tracking.Tracker] = None) -> Dict[str, Dict[str, float]]:
     """One epoch of every head over `batches` of (images or features, labels, readable); `to_features` turns
     a batch of images into backbone features (None: the batches hold features). Returns {name: {loss, lr}}.
 
@@ -248,8 +218,7 @@ def check_finite_state(heads: backbones.LinearHeads, names: Sequence[str], ranks
     """Refuse to checkpoint a state where every head diverged (non-finite weights, or a non-finite loss on any
     rank so far this epoch): the run would resume it. One diverged head of several is only reported. The same
     decision on every rank (`ranks`: every rank's position)."""
-    bad = [name for head, name in zip(heads.heads, names)
-           if not all(torch.isfinite(p).all() for p in head.parameters())
+    bad = [name for head, name in zip(heads.heads, names) if engine.nonfinite_weights(head)
            or not all(math.isfinite(float(r["meters"][f"loss/{name}"]["total"])) for r in ranks)]
     if bad and len(bad) == len(names):
         raise utils.UserError(
@@ -309,8 +278,9 @@ class FrozenBackbone:
             raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} is larger than the depth of {args.arch} "
                                   f"({len(self.model.blocks)} blocks): use at most {len(self.model.blocks)}")
         # the backbone only runs forward, frozen: no gradient scaler even for fp16
-        self.autocast, _, precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
-        print(f"Backbone precision: {precision}.")
+        precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
+        self.autocast = precision.autocast
+        print(f"Backbone precision: {precision.description}.")
         self.named: Set[str] = set()  # unreadable images already named
 
     def feature_fn(self, avgpool: bool, n_last_blocks: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -435,23 +405,18 @@ class BestHead:
         return shown
 
 
-def epoch_stats(epoch: int, epoch_time: float, train_stats: Dict[str, Dict], test_stats: Optional[List[Dict]],
-                names: Sequence[str], shown: int, num_val: int) -> Dict:
-    """log.txt's record: the official keys first (train and test stats of the head `shown`), then every
-    head's when there are several."""
-    stats = {**{f"train_{k}": v for k, v in train_stats[names[shown]].items()}, "epoch": epoch,
-             "train_epoch_time": epoch_time}
-    if test_stats is not None:
-        stats.update({f"test_{k}": v for k, v in test_stats[shown].items()})
-        stats["test_num_images"] = num_val
-        if len(names) > 1:
-            stats["test_best_head"] = names[shown]
-            for name, s in zip(names, test_stats):
-                stats.update({f"test_{k}_{name}": v for k, v in s.items()})
+def test_stats_record(test_stats: Optional[List[Dict]], names: Sequence[str], shown: int, num_val: int) -> Dict:
+    """What log.txt's record of an epoch holds besides the training figures: the official test_* keys (of the
+    head `shown`), then every head's when there are several."""
+    if test_stats is None:
+        return {}
+    record = {f"test_{k}": v for k, v in test_stats[shown].items()}
+    record["test_num_images"] = num_val
     if len(names) > 1:
-        for name in names:
-            stats.update({f"train_{k}_{name}": v for k, v in train_stats[name].items()})
-    return stats
+        record["test_best_head"] = names[shown]
+        for name, s in zip(names, test_stats):
+            record.update({f"test_{k}_{name}": v for k, v in s.items()})
+    return record
 
 
 def print_val(test_stats: List[Dict[str, float]], names: Sequence[str], shown: int, epoch: int, num_val: int,
@@ -520,11 +485,8 @@ def eval_linear(args: argparse.Namespace) -> Dict:
     val_labels = torch.tensor(dataset_val.targets, dtype=torch.long)
     torch.manual_seed(args.seed)  # the heads' initialisation does not depend on what ran before
     heads_without_ddp = backbones.LinearHeads([a for _, a in configs], num_classes, backbone.width(val_features),
-                                    args.n_last_blocks, backbone.vit).to(args.device)
-    heads = heads_without_ddp
-    if args.world_size > 1:
-        heads = nn.parallel.DistributedDataParallel(heads,
-                                                    device_ids=[args.gpu] if args.device.type == "cuda" else None)
+                                              args.n_last_blocks, backbone.vit).to(args.device)
+    heads, _ = engine.distribute(heads_without_ddp, args.device)  # DDP with several processes
     utils.fix_random_seeds(args.seed + args.rank)  # any randomness but the (per-sample seeded) augmentations
     print(f"{len(configs)} linear head(s) on {args.arch} features: " + ", ".join(
         f"lr {lr:g} avgpool {a} ({heads_without_ddp.input_dim(a)} dims)" for lr, a in configs))
@@ -551,7 +513,9 @@ def eval_linear(args: argparse.Namespace) -> Dict:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best_acc": best.acc,
                 "best_head": best.head, "heads": heads_without_ddp.state_dict(), "run_config": run_config}
 
-    run = engine.Run(args, checkpoint_path, iters_per_epoch=num_batches, contents=contents)
+    run = engine.Run(args.output_dir, checkpoint_name="checkpoint.pth.tar", iters_per_epoch=num_batches,
+                     epochs=args.epochs, batch_size_per_gpu=args.batch_size_per_gpu, contents=contents,
+                     saveckp_every_iters=args.saveckp_every_iters, tracking_options=tracking.options(args))
     restored = run.resume(check=resume_check(run_config, checkpoint_path), heads=heads_without_ddp,
                           optimizer=optimizer, scheduler=scheduler,
                           run_variables={"best_acc": 0., "best_head": None, "state_dict": None})
@@ -572,29 +536,30 @@ def eval_linear(args: argparse.Namespace) -> Dict:
             train_errors[:] = position["errors"] if position else []  # unreadable images of consumed batches
             skip = position["batches"] * args.batch_size_per_gpu if position else 0  # samples consumed
             train_stats = train_heads(heads, optimizer, batches(epoch, skip), num_batches, names, args.device, epoch,
-                                      args.print_freq, to_features, position, between_steps, run.tracker)
+                                      print_freq=args.print_freq, to_features=to_features, position=position,
+                                      between_steps=between_steps, tracker=run.tracker)
             scheduler.step()
             epoch_time = time.time() - epoch_start
             print(f"Epoch {epoch} trained in {epoch_time:.2f} s")
             if not args.cache_features:
-                name_unreadable(all_ranks_errors(train_errors), "train", backbone.named)
+                name_unreadable(runtime.union_over_ranks(train_errors), "train", backbone.named)
             test_stats, shown = None, best.head["index"] if best.head else 0
             if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
                 test_stats = validate(heads_without_ddp, val_features, val_labels, val_readable)
                 shown = best.update(test_stats, heads_without_ddp, configs, names, epoch, args)
                 print_val(test_stats, names, best_index(test_stats), epoch, int(val_readable.sum()), best)
-            run.end_epoch(epoch, epoch_stats(epoch, epoch_time, train_stats, test_stats, names, shown,
-                                             int(val_readable.sum())))
+            train = {**train_stats[names[shown]], "epoch_time": epoch_time}  # the official train_* keys first
+            if len(names) > 1:
+                train.update({f"{k}_{name}": v for name in names for k, v in train_stats[name].items()})
+            run.end_epoch(epoch, train, test_stats_record(test_stats, names, shown, int(val_readable.sum())))
     print("Training of the supervised linear classifier on frozen features completed.\n"
           "Top-1 test accuracy: {acc:.1f}".format(acc=best.acc))
     if best.head and len(names) > 1:
         print(f"Best head: lr {best.head['lr']:g}, avgpool_patchtokens {best.head['avgpool']} "
               f"(epoch {best.head['epoch']}); kept as 'state_dict' in {checkpoint_path}")
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
     return {"best_acc": best.acc, "best_head": best.head, "log": run.log_history}
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet', parents=[get_args_parser()])
-    utils.run_script(eval_linear, parser.parse_args())
+    runtime.run_script(eval_linear, parser.parse_args())

@@ -16,6 +16,7 @@ import os
 
 import backbones
 import checkpointing
+import runtime
 import utils
 
 
@@ -24,10 +25,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="A checkpoint of main_dino.py or main_distill.py (or any file that "
                         "eval_knn.py reads).")
     parser.add_argument("output", help="Where to write the backbone-only weights (.pth).")
-    parser.add_argument("--checkpoint_key", default="teacher", help="""Which network of a full checkpoint:
-        teacher (main_dino.py, the usual choice) or student (main_distill.py).""")
-    parser.add_argument("--arch", default=None, help="Architecture (default: the one saved in the checkpoint).")
-    parser.add_argument("--patch_size", default=None, type=int, help="Patch size of our ViTs (default: saved).")
+    # --arch and --patch_size (default: the checkpoint's), --checkpoint_key (teacher of main_dino.py, student of
+    # main_distill.py); the weights are the positional `checkpoint`
+    backbones.add_model_args(parser, arch=None, patch_size=None, weights=False, images=False)
     return parser
 
 
@@ -73,4 +73,4 @@ def export_backbone(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_script(export_backbone, get_args_parser().parse_args())
+    runtime.run_script(export_backbone, get_args_parser().parse_args())

@@ -23,7 +23,7 @@ Writes to --output_dir:
 
 The dataset is processed in chunks of --chunk_size images. Each chunk is written to `parts/chunk_00012.npz`
 (atomically: a temporary file, then a rename) as soon as it is done; at the end the parts are copied into the
-final files through memory maps and removed. Memory stays at one chunk whatever the number of images, and a
+final files one part at a time and removed. Memory stays at one chunk whatever the number of images, and a
 run that is stopped (Ctrl-C, SIGTERM, kill -9, a crash) continues where it stopped when the same command is
 run again. A rerun with other options (weights, data, normalisation, dtype...) refuses to mix its output with
 the folder's, and a finished folder is left as it is.
@@ -93,10 +93,6 @@ def build_collection(args: argparse.Namespace) -> data.LabeledDataset:
     return dataset
 
 
-def has_labels(dataset: data.LabeledDataset) -> bool:
-    return len(dataset.classes) > 0
-
-
 def feature_forward(model: nn.Module, patch_tokens: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> [B, D] features (eval_knn.py's: model(images), the CLS token of our ViTs), or with
     `patch_tokens` [B, 2D]: the CLS token, then the mean patch token, of one pass."""
@@ -141,27 +137,8 @@ def extraction_options(args: argparse.Namespace, dataset: data.LabeledDataset) -
             "dtype": args.dtype, "patch_tokens": args.patch_tokens, "chunk_size": args.chunk_size}
 
 
-def write_atomically(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """`write(file)` into a temporary file beside `path`, then rename: `path` is complete or absent. The
-    temporary name is the one checkpointing.remove_stale_temporaries cleans up after a kill."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {e}. Free disk space or choose another --output_dir, then "
-                            "run the same command again to continue") from None
-        raise
-
-
 def write_meta(output_dir: str, meta: Dict[str, Any]) -> None:
-    write_atomically(os.path.join(output_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), mode="w")
+    checkpointing.atomic_write(os.path.join(output_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), mode="w")
 
 
 def read_meta(output_dir: str) -> Optional[Dict[str, Any]]:
@@ -264,7 +241,7 @@ def extract_chunk(model: nn.Module, forward: Callable, dataset: data.LabeledData
 @contextlib.contextmanager
 def stop_on_signals(progress: Callable[[], str]) -> Iterator[None]:
     """SIGTERM, SIGINT (Ctrl-C) and SIGUSR2 (SLURM's warning) stop at once, with a message and exit code
-    128 + signal (utils.run_script): the chunk in progress is abandoned, the chunks on disk are kept for the next
+    128 + signal (runtime.run_script): the chunk in progress is abandoned, the chunks on disk are kept for the next
     run. The handler the signal had before travels with the exception (a SLURM launcher's requeue)."""
     def handler(signum: int, frame) -> None:
         raise utils.TrainingInterrupted(signum, f"Stopped by {signal.Signals(signum).name}: {progress()}. Run "
@@ -281,20 +258,17 @@ def stop_on_signals(progress: Callable[[], str]) -> Iterator[None]:
 # The final files
 # ----------------------------------------------------------------------------------------------------
 def concatenate(output_dir: str, name: str, key: str, num_chunks: int, rows: int) -> None:
-    """`key` of every part into `name` [rows, D], one part in memory at a time (a memory map on disk)."""
-    tmp = os.path.join(output_dir, f".{name}.tmp{os.getpid()}")
+    """`key` of every part into `name` [rows, D], one part in memory at a time."""
     with np.load(part_path(output_dir, 0)) as z:
         width, dtype = z[key].shape[1], z[key].dtype
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, width))
-    row = 0
-    for c in range(num_chunks):
-        with np.load(part_path(output_dir, c)) as z:
-            part = z[key]
-        out[row:row + len(part)] = part
-        row += len(part)
-    out.flush()
-    del out  # closes the map
-    os.replace(tmp, os.path.join(output_dir, name))
+
+    def write(f) -> None:  # the .npy header, then the parts' rows in order
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": (rows, width)})
+        for c in range(num_chunks):
+            with np.load(part_path(output_dir, c)) as z:
+                f.write(np.ascontiguousarray(z[key], dtype=dtype).tobytes())
+    checkpointing.atomic_write(os.path.join(output_dir, name), write)
 
 
 def assemble(output_dir: str, dataset: data.LabeledDataset, num_chunks: int, options: Dict[str, Any]) -> Dict:
@@ -311,13 +285,13 @@ def assemble(output_dir: str, dataset: data.LabeledDataset, num_chunks: int, opt
     if options["patch_tokens"]:
         concatenate(output_dir, "patch_features.npy", "patch_features", num_chunks, len(indices))
         files.append("patch_features.npy")
-    write_atomically(os.path.join(output_dir, "paths.txt"),
+    checkpointing.atomic_write(os.path.join(output_dir, "paths.txt"),
                      lambda f: f.writelines(dataset.samples[i][0] + "\n" for i in indices), mode="w")
-    write_atomically(os.path.join(output_dir, "skipped.txt"), lambda f: f.writelines(s + "\n" for s in skipped),
+    checkpointing.atomic_write(os.path.join(output_dir, "skipped.txt"), lambda f: f.writelines(s + "\n" for s in skipped),
                      mode="w")
-    if has_labels(dataset):
+    if data.has_labels(dataset):
         labels = np.asarray(dataset.targets, dtype=np.int64)[indices]
-        write_atomically(os.path.join(output_dir, "labels.npy"), lambda f: np.save(f, labels))
+        checkpointing.atomic_write(os.path.join(output_dir, "labels.npy"), lambda f: np.save(f, labels))
         files.append("labels.npy")
     features = np.load(os.path.join(output_dir, "features.npy"), mmap_mode="r")
     meta = {"format": FORMAT, "complete": True, "options": options, "count": len(indices),
@@ -355,16 +329,15 @@ def broadcast(obj: Any) -> Any:
 
 def extract_features(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Extract (or continue extracting) into --output_dir; returns meta.json's content (on rank 0)."""
-    utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed)  # random weights: the same on every rank and in every run
-    print("git:\n  {}\n".format(utils.get_sha()))
-    print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
+    runtime.init_distributed_mode(args)
+    runtime.fix_random_seeds(args.seed)  # random weights: the same on every rank and in every run
+    runtime.print_run_info(args)
     check_args(args)
     dataset = build_collection(args)
     bad_paths = [path for path, _ in dataset.samples if "\n" in path]
     if bad_paths:
         raise UserError(f"the image path {bad_paths[0]!r} holds a line break, which paths.txt cannot store")
-    utils.check_same_on_all_ranks({"images": len(dataset), "paths": paths_digest(dataset)}, "the images")
+    runtime.check_same_on_all_ranks({"images": len(dataset), "paths": paths_digest(dataset)}, "the images")
     num_chunks = (len(dataset) + args.chunk_size - 1) // args.chunk_size
 
     # The model first: weights that do not fit stop here, before anything is written.
@@ -385,7 +358,7 @@ def extract_features(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if todo is None:
         print(f"{args.output_dir} already holds this extraction, complete: nothing to do.")
         return read_meta(args.output_dir) if utils.is_main_process() else None
-    print(f"{len(dataset)} images ({'with' if has_labels(dataset) else 'without'} labels) in {num_chunks} chunks "
+    print(f"{len(dataset)} images ({'with' if data.has_labels(dataset) else 'without'} labels) in {num_chunks} chunks "
           f"of {args.chunk_size}; {num_chunks - len(todo)} already on disk, {len(todo)} to extract.")
 
     todo_images = sum(min(args.chunk_size, len(dataset) - c * args.chunk_size) for c in todo)
@@ -398,7 +371,7 @@ def extract_features(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             start, end = c * args.chunk_size, min((c + 1) * args.chunk_size, len(dataset))
             arrays = extract_chunk(model, forward, dataset, start, end, args, header=f"Chunk {c + 1}/{num_chunks}")
             if utils.is_main_process():
-                write_atomically(part_path(args.output_dir, c), lambda f: np.savez(f, **arrays))
+                checkpointing.atomic_write(part_path(args.output_dir, c), lambda f: np.savez(f, **arrays))
             images_done += end - start
             rate = images_done / (time.time() - start_time)
             eta = datetime.timedelta(seconds=int((todo_images - images_done) / rate))
@@ -414,11 +387,9 @@ def extract_features(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         if meta["skipped"]:
             print(f"WARNING: {meta['skipped']} unreadable images left out, listed in "
                   f"{os.path.join(args.output_dir, 'skipped.txt')}")
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
     return meta
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('Extract the features of an image collection', parents=[get_args_parser()])
-    utils.run_script(extract_features, parser.parse_args())
+    runtime.run_script(extract_features, parser.parse_args())

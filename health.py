@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import runtime
 import utils
 
 SIGNALS = ("teacher_entropy", "teacher_entropy_frac", "prototypes_in_use", "kl", "feature_spread")
@@ -123,32 +124,31 @@ def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def build_probe(args: argparse.Namespace, base):
-    """The fixed probe set: up to --health_probe_size images of the training collection `base` (the training
-    dataset's, so that its folders are not walked twice), evenly spaced, with the eval transform at the global
-    crop size; None when 0."""
-    if not getattr(args, "health_probe_size", 0):
+def build_probe(base, size: int, crop: int):
+    """The fixed probe set: up to `size` (--health_probe_size) images of the training collection `base` (the
+    training dataset's, so that its folders are not walked twice), evenly spaced, with the eval transform at the
+    global crop size `crop`; None when `size` is 0."""
+    if not size:
         return None
     import data
-    n = min(args.health_probe_size, len(base.samples))
-    crop = args.global_crops_size
+    n = min(size, len(base.samples))
     dataset = data.LabeledDataset(base, data.eval_transform(int(round(crop * 256 / 224)), crop))
     indices = torch.linspace(0, len(base.samples) - 1, n).round().long().unique().tolist()
     return torch.utils.data.Subset(dataset, indices)
 
 
-def probe_rankme(backbone: nn.Module, probe, args: argparse.Namespace, autocast) -> Dict[str, float]:
+def probe_rankme(backbone: nn.Module, probe, batch_size: int, device: torch.device, autocast) -> Dict[str, float]:
     """RankMe of `backbone` on the probe set (every rank takes part; all get the same figure)."""
     import backbones
     import data
     start = time.time()
-    # read in this process: a loader forking new workers every epoch beside the training loader's persistent
-    # ones and the process group's threads hung once in a 2-process CPU test; 1,024 images decode in seconds
-    loader = data.build_eval_loader(probe, args.batch_size_per_gpu, 0, args.rank, args.world_size)
+    # no loader workers: workers forked every epoch beside the training loader's and the process group's threads
+    # can hang a multi-process CPU run, and 1,024 images decode in seconds
+    loader = data.build_eval_loader(probe, batch_size, 0, runtime.get_rank(), runtime.get_world_size())
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad(), autocast():
-        features, errors = backbones.extract_features(backbone, loader, args.device, header="RankMe probe",
+        features, errors = backbones.extract_features(backbone, loader, device, header="RankMe probe",
                                                       print_freq=10 ** 9)
     backbone.train(was_training)
     if errors:
@@ -163,14 +163,14 @@ def probe_rankme(backbone: nn.Module, probe, args: argparse.Namespace, autocast)
 def epoch_callback(args: argparse.Namespace, base, backbone: nn.Module, autocast,
                    evaluate: Optional[Callable[[int], Dict]] = None) -> Optional[Callable[[int], Dict]]:
     """`evaluate(epoch)` for engine.fit: `evaluate`'s figures (the online k-NN) and RankMe on a probe set of
-    the training collection `base`."""
-    probe = build_probe(args, base)
+    the training collection `base` (--health_probe_size images)."""
+    probe = build_probe(base, args.health_probe_size, args.global_crops_size)
     if probe is None:
         return evaluate
 
     def both(epoch: int) -> Dict:
         figures = dict(evaluate(epoch)) if evaluate is not None else {}
-        figures.update(probe_rankme(backbone, probe, args, autocast))
+        figures.update(probe_rankme(backbone, probe, args.batch_size_per_gpu, args.device, autocast))
         return figures
     return both
 
@@ -191,16 +191,20 @@ ADVICE = {
 class CollapseDetector:
     """Watches the per-step signals. `observe(it, metrics)` takes the global iteration and the step's metrics
     (`dino_signals`' names; tensors or numbers) and returns the one warning line when a collapse has held for
-    `window` iterations after `warmup` iterations (then `self.collapsed` names the kind), else None.
+    `window` iterations after `warmup` iterations (then `self.collapsed` names the kind), else None. `watch`,
+    the training loop's call, observes every `every`-th step (reading the metrics waits for the device), prints
+    the warning and, with `stop` (--stop_on_collapse), stops every rank together, naming `checkpoint_path`.
 
     Uniform: teacher_entropy_frac >= `uniform_entropy` and kl <= `uniform_kl` nats. Single-prototype:
     prototypes_in_use <= `single_prototypes` or feature_spread <= `single_spread`."""
 
     def __init__(self, warmup: int, window: int, uniform_entropy: float = 0.9, uniform_kl: float = 0.05,
-                 single_prototypes: float = 1.5, single_spread: float = 0.05):
+                 single_prototypes: float = 1.5, single_spread: float = 0.05, every: int = 1, stop: bool = False,
+                 checkpoint_path: str = "checkpoint.pth"):
         self.warmup, self.window = warmup, max(window, 0)
         self.uniform_entropy, self.uniform_kl = uniform_entropy, uniform_kl
         self.single_prototypes, self.single_spread = single_prototypes, single_spread
+        self.every, self.stop, self.checkpoint_path = max(every, 1), stop, checkpoint_path
         self.since: Dict[str, int] = {}
         self.collapsed: Optional[str] = None
 
@@ -228,8 +232,23 @@ class CollapseDetector:
                         f"What to change: {ADVICE[kind]}.")
         return None
 
+    def watch(self, it: int, metrics: Dict) -> None:
+        """After optimizer step `it` (every rank at the same steps): observe, warn, and stop if asked to."""
+        if it % self.every:
+            return
+        warning = self.observe(it, metrics)
+        if warning:
+            print(warning)
+        if self.stop:
+            runtime.raise_together(None if not warning else (
+                f"{warning} Stopping (--stop_on_collapse): the last checkpoint ({self.checkpoint_path}, if any) is "
+                "kept, from before this iteration."))
 
-def build_detector(args: argparse.Namespace, niter_per_ep: int) -> CollapseDetector:
-    warmup = args.collapse_warmup if args.collapse_warmup is not None else niter_per_ep
-    window = args.collapse_window if args.collapse_window is not None else min(200, max(1, niter_per_ep // 2))
-    return CollapseDetector(warmup, window)
+
+def build_detector(niter_per_ep: int, warmup: Optional[int] = None, window: Optional[int] = None,
+                   **options) -> CollapseDetector:
+    """The detector of a run of `niter_per_ep` steps per epoch: --collapse_warmup (default: the first epoch) and
+    --collapse_window (default: half an epoch, at least 1, at most 200); `options` as CollapseDetector takes them."""
+    warmup = warmup if warmup is not None else niter_per_ep
+    window = window if window is not None else min(200, max(1, niter_per_ep // 2))
+    return CollapseDetector(warmup, window, **options)

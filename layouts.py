@@ -21,18 +21,18 @@ next run takes it when no folder walked has changed, checked with one os.stat pe
 folder's modification time changes when entries are added, removed or renamed in it, not when a file in it is
 rewritten in place: such changes are not seen (delete the cache file to force a walk).
 
-Imports only the standard library and `utils`; `data.build_dataset` is what the scripts call.
+Imports the standard library, `runtime` and `checkpointing`; `data.build_dataset` is what the scripts call.
 """
 import concurrent.futures
 import glob
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from utils import UserError
+import checkpointing
+from runtime import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 LAYOUTS = ("auto", "imagefolder", "unlabeled", "list")
@@ -205,20 +205,16 @@ def walk_folder(root: str, cache_dir: Optional[str] = None, threads: int = WALK_
 
 
 def _save_cache(path: str, root: str, walked_at_ns: int, folders: List[Folder]) -> None:
-    """Write the walk atomically (a temporary file, then a rename): a reader sees the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    """Write the walk atomically: a reader sees the old file or the new one."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".file_list_", suffix=".tmp", dir=directory)  # unique on every rank
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": CACHE_FORMAT, "root": os.path.realpath(root), "walked_at_ns": walked_at_ns,
-                       "folders": folders}, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except OSError as e:  # a cache is an optimisation: a read-only output folder must not stop the run
-        print(f"WARNING: could not write the file list cache {path} ({e.strerror or e}); the next run walks again")
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        checkpointing.atomic_write(path, lambda f: json.dump(
+            {"format": CACHE_FORMAT, "root": os.path.realpath(root), "walked_at_ns": walked_at_ns,
+             "folders": folders}, f, separators=(",", ":")), mode="w", what="file list cache")
+    except (OSError, UserError) as e:  # a cache is an optimisation: a read-only output folder must not stop the run
+        reason = e.__context__ if isinstance(e, UserError) and e.__context__ is not None else e  # the OSError
+        print(f"WARNING: could not write the file list cache {path} ({getattr(reason, 'strerror', None) or reason}); "
+              "the next run walks again")
 
 
 def _load_cache(path: str, root: str, threads: int) -> Optional[List[Folder]]:

@@ -18,12 +18,12 @@ import torch.nn as nn
 import augmentations
 import backbones
 import checkpointing
-import runtime
 import data
 import engine
 import eval_knn
 import health
 import masking
+import runtime
 import tracking
 import utils
 import vision_transformer as vits
@@ -31,23 +31,17 @@ from losses import DINOLoss
 
 
 def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
-    """The official flags (and ours). `ema_teacher=False` leaves out --momentum_teacher (main_distill.py's
-    teacher is frozen)."""
+    """The official flags and ours (details in docs/training.md). `ema_teacher=False` leaves out
+    --momentum_teacher (main_distill.py's teacher is frozen)."""
     parser = argparse.ArgumentParser('DINO', add_help=False)
 
     # Model parameters
-    parser.add_argument('--arch', default='vit_small', type=str,
-                        help="""Name of architecture to train: vit_nano, vit_tiny, vit_small, vit_base, vit_large (deit_tiny
-        and deit_small are aliases), any torchvision classification model (e.g. resnet50) or any timm model
-        name (e.g. xcit_small_12_p16_224). Weights are never downloaded.""")
-    parser.add_argument('--patch_size', default=16, type=int, help="""Size in pixels of input square patches
-        - default 16 (for 16x16 patches). Using smaller values leads to better performance but requires more
-        memory. Applies only for our ViTs.""")
+    backbones.add_model_args(parser, images=False)  # --arch, --patch_size, --pretrained_weights, --checkpoint_key
     parser.add_argument('--out_dim', default=65536, type=int, help="""Dimensionality of the DINO head output.
         For complex and large datasets large values (like 65k) work well.""")
-    parser.add_argument('--norm_last_layer', default=True, type=utils.bool_flag,
-                        help="""Whether or not to weight normalize the last layer of the DINO head. Not
-        normalizing leads to better performance but can make the training unstable.""")
+    parser.add_argument('--norm_last_layer', default=True, type=utils.bool_flag, help="""Whether or not to
+        weight normalize the last layer of the DINO head. Not normalizing leads to better performance but can make
+        the training unstable.""")
     if ema_teacher:
         parser.add_argument('--momentum_teacher', default=0.996, type=float, help="""Base EMA parameter for
             teacher update. The value is increased to 1 during training with cosine schedule.""")
@@ -61,109 +55,71 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         of the teacher temperature. For most experiments, anything above 0.07 is unstable.""")
     parser.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
                         help='Number of warmup epochs for the teacher temperature (Default: 0).')
-    parser.add_argument('--center_momentum', default=0.9, type=float, help="""EMA momentum of the teacher's
-        centre (DINOLoss center_momentum; the official 0.9). 1.0 keeps the centre at zero: no centring.""")
+    parser.add_argument('--center_momentum', default=0.9, type=float,
+                        help="EMA momentum of the teacher's centre (1.0: no centring).")
 
     # Training/Optimization parameters
-    parser.add_argument('--use_fp16', type=utils.bool_flag, default=True, help="""Whether or not to use mixed
-        precision (bf16 autocast on GPUs that support it, else fp16 with a gradient scaler; see --amp_dtype).
-        On CPU it takes effect only with --amp_dtype bf16; otherwise CPU trains in fp32.""")
-    parser.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'],
-                        help="""Mixed-precision type when --use_fp16 is on. auto: bf16 on GPUs that support it,
-        else fp16 with a gradient scaler; fp32 on CPU. bf16: bf16 autocast on GPU and also on CPU (fast on CPUs
-        with AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire Rapids; slow elsewhere). fp16: GPU only.""")
+    runtime.add_precision_args(parser)  # --use_fp16, --amp_dtype
     parser.add_argument('--weight_decay', type=float, default=0.04, help="""Initial value of the weight
         decay. With ViT, a smaller value at the beginning of training works well.""")
-    parser.add_argument('--weight_decay_end', type=float, default=0.4, help="""Final value of the weight
-        decay. We use a cosine schedule for WD and using a larger decay by the end of training improves
-        performance for ViTs.""")
-    parser.add_argument('--clip_grad', type=float, default=3.0, help="""Maximal parameter gradient norm if
-        using gradient clipping (per parameter). Clipping with norm .3 ~ 1.0 can help optimization for larger
-        ViT architectures. 0 for disabling.""")
+    parser.add_argument('--weight_decay_end', type=float, default=0.4,
+                        help="Final value of the weight decay (cosine schedule).")
+    parser.add_argument('--clip_grad', type=float, default=3.0,
+                        help="Maximal gradient norm of each parameter (clipping); 0 for disabling.")
     parser.add_argument('--batch_size_per_gpu', default=64, type=int,
-                        help='Per-process batch size: number of distinct images loaded on one device.')
-    parser.add_argument('--grad_accum_steps', default=1, type=int, help="""Accumulate gradients over this
-        many batches per optimizer step (effective batch = batch_size_per_gpu x processes x this). Schedules
-        count optimizer steps.""")
+                        help='Per-GPU batch-size : number of distinct images loaded on one GPU.')
+    parser.add_argument('--grad_accum_steps', default=1, type=int,
+                        help="Batches per optimizer step (effective batch: batch_size_per_gpu x processes x this).")
     parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
     parser.add_argument('--freeze_last_layer', default=1, type=int, help="""Number of epochs during which we
-        keep the output layer fixed. Typically doing so during the first epoch helps training. Try increasing
-        this value if the loss does not decrease.""")
-    parser.add_argument("--lr", default=0.0005, type=float, help="""Learning rate at the end of linear warmup
-        (highest LR used during training). The learning rate is linearly scaled with the batch size, and
-        specified here for a reference batch size of 256.""")
+        keep the output layer fixed. Try increasing this value if the loss does not decrease.""")
+    parser.add_argument("--lr", default=0.0005, type=float, help="""Learning rate at the end of linear warmup,
+        for a reference batch size of 256 (linearly scaled with the batch size).""")
     parser.add_argument("--warmup_epochs", default=10, type=int,
                         help="Number of epochs for the linear learning-rate warm up.")
-    parser.add_argument('--min_lr', type=float, default=1e-6, help="""Target LR at the end of optimization.
-        We use a cosine LR schedule with linear warmup.""")
+    parser.add_argument('--min_lr', type=float, default=1e-6, help="Target LR at the end of optimization (cosine).")
     parser.add_argument('--optimizer', default='adamw', type=str, choices=['adamw', 'sgd', 'lars'],
                         help="""Type of optimizer. We recommend using adamw with ViTs.""")
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help="stochastic depth rate")
-
-    # Continued pretraining from released or earlier weights
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Start the student and the teacher
-        from these weights instead of a random initialisation: any file eval_knn.py reads (our checkpoints,
-        official DINO files, backbone-only files of export_backbone.py, torchvision and timm state_dicts, Meta's
-        DINOv2 (timm vit_*_patch14_dinov2 names, with --arch the same name) and DINOv3 files). The projection
-        heads come from the file when it holds fitting ones, else they are fresh. Ignored when resuming.""")
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Key of the network in a full checkpoint given as --pretrained_weights.')
-    parser.add_argument('--freeze_backbone_epochs', default=0, type=int, help="""Train only the heads for this
-        many epochs, the backbone frozen in the student and the teacher, then everything. With
-        --pretrained_weights whose file has no heads (released DINOv2/DINOv3 weights), fresh heads otherwise
-        send large random gradients into the backbone and can wreck it in the first epochs.""")
-    parser.add_argument('--backbone_lr_scale', default=1.0, type=float, help="""The backbone's learning rate
-        is this times the heads' (--lr): below 1 (e.g. 0.1) keeps pretrained weights closer to where they
-        started.""")
+    parser.add_argument('--freeze_backbone_epochs', default=0, type=int, help="""With --pretrained_weights:
+        train only the heads for this many epochs, so that fresh heads settle before they reach the backbone.""")
+    parser.add_argument('--backbone_lr_scale', default=1.0, type=float,
+                        help="The backbone's learning rate as a fraction of the heads' (--lr).")
 
     # Multi-crop parameters
-    parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
-                        help="""Scale range of the cropped image before resizing, relatively to the origin
-        image. Used for large global view cropping. When disabling multi-crop (--local_crops_number 0), we
-        recommand using a wider range of scale ("--global_crops_scale 0.14 1." for example)""")
+    parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.), help="""Scale range
+        of the cropped image before resizing, relatively to the origin image. Used for large global view cropping.
+        When disabling multi-crop (--local_crops_number 0), we recommend a wider range ("0.14 1.").""")
     parser.add_argument('--local_crops_number', type=int, default=8, help="""Number of small local views to
-        generate. Set this parameter to 0 to disable multi-crop training. When disabling multi-crop we
-        recommend to use "--global_crops_scale 0.14 1." """)
-    parser.add_argument('--local_crops_scale', type=float, nargs='+', default=(0.05, 0.4),
-                        help="""Scale range of the cropped image before resizing, relatively to the origin
-        image. Used for small local view cropping of multi-crop.""")
+        generate. Set this parameter to 0 to disable multi-crop training.""")
+    parser.add_argument('--local_crops_scale', type=float, nargs='+', default=(0.05, 0.4), help="""Scale range
+        of the cropped image before resizing, relatively to the origin image. Used for small local view cropping.""")
     parser.add_argument('--global_crops_size', type=int, default=224, help="Side of the global crops (pixels).")
     parser.add_argument('--local_crops_size', type=int, default=96, help="Side of the local crops (pixels).")
 
     # Misc
-    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
-                        help="""Training images: a folder of images at any depth (labels are not needed), a
-        folder with one sub-folder per class (ImageFolder), a text file listing image paths, several of these
-        separated by commas or as a glob (e.g. 'imagenet100/train.X*'), a packed file (*.npz, its train split;
-        see benchmarks/pack_cifar10.py), or 'synthetic' for the generated shapes dataset (no download).""")
-    parser.add_argument('--data_layout', default='auto', choices=data.LAYOUTS, help="""How to read --data_path:
-        imagefolder (one sub-folder per class), unlabeled (images at any depth; labels are not needed for
-        pretraining), list (a text file of image paths, one per line) or auto (detected; one line says what was
-        found). The file list is cached in --output_dir.""")
+    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str, help="""Training images:
+        a folder (any depth, labels not needed), an ImageFolder tree, a list file, several of these (commas or a
+        glob), a packed .npz, or 'synthetic' (docs/data.md).""")
+    parser.add_argument('--data_layout', default='auto', choices=data.LAYOUTS,
+                        help="How to read --data_path (auto: detected, one line says what was found).")
     parser.add_argument('--output_dir', default=".", type=str, help='Path to save logs and checkpoints.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Save checkpoint every x epochs.')
-    parser.add_argument('--compile', type=utils.bool_flag, default=False, help="""torch.compile the student and
-        teacher backbones (one graph per crop resolution; needs a C++ compiler on CPU).""")
-    parser.add_argument('--grad_checkpointing', type=utils.bool_flag, default=False, help="""Activation
-        checkpointing in the ViT blocks: less memory for large models and batches, about 30%% more compute.""")
-    parser.add_argument('--skip_nonfinite', default=0, type=int, help="""A step whose loss or gradients are not
-        finite stops training (the last good checkpoint stays). With N > 0 up to N such steps are skipped (no
-        update) and counted; the (N+1)-th stops. Costs one host-device synchronisation per step on GPU.""")
-    parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth every
-        x iterations inside an epoch, with the exact position, for crashes without a signal (0: only at the end
-        of epochs, and on SIGTERM/SIGINT/SIGUSR2, which always checkpoint the exact position and stop).""")
+    engine.add_checkpoint_args(parser)  # --saveckp_every_iters
+    parser.add_argument('--compile', type=utils.bool_flag, default=False,
+                        help="torch.compile the backbones (one graph per crop size; a C++ compiler on CPU).")
+    parser.add_argument('--grad_checkpointing', type=utils.bool_flag, default=False,
+                        help="Activation checkpointing in the ViT blocks: less memory, about 30%% more compute.")
+    parser.add_argument('--skip_nonfinite', default=0, type=int, help="""Skip up to N steps whose loss or
+        gradients are not finite (0: the first one stops training, the last good checkpoint kept).""")
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
-    parser.add_argument('--deterministic', type=utils.bool_flag, default=False, help="""Deterministic GPU kernels
-        (torch.use_deterministic_algorithms, no cudnn autotuning, no TF32; CUBLAS_WORKSPACE_CONFIG set), for
-        bitwise-equal reruns and resumes on the same GPU type and software; slower. Ops with no deterministic
-        CUDA kernel print a warning naming them. Without it, a resumed or repeated GPU run sees the same
-        samples in the same order with the same augmentations, masks and RNG streams, but is not bitwise equal
-        (autotuned kernels and atomic-add backward kernels round differently from run to run); on CPU it is.""")
+    parser.add_argument('--deterministic', type=utils.bool_flag, default=False,
+                        help="Deterministic GPU kernels, for bitwise-equal reruns; slower (docs/reliability.md).")
     eval_knn.add_online_knn_args(parser)
     parser.add_argument('--num_workers', default=None, type=int,
-                        help='Number of data loading workers per process (default: min(10, CPUs per process)).')
-    parser.add_argument('--max_bad_images_fraction', default=0.01, type=float, help="""Unreadable images are
-        skipped and reported; the run stops when more than this fraction of the dataset is unreadable.""")
+                        help='Number of data loading workers per GPU (default: min(10, CPUs per process)).')
+    parser.add_argument('--max_bad_images_fraction', default=0.01, type=float,
+                        help="Unreadable images are skipped and reported; above this fraction the run stops.")
     parser.add_argument('--print_freq', default=10, type=int, help='Print progress every x iterations.')
     tracking.add_tracking_args(parser)
     health.add_health_args(parser)
@@ -198,8 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
             "--knn_eval_at_start needs --knn_data_path (the labelled images of the online k-NN)")
     require(args.knn_eval_freq >= 1, f"--knn_eval_freq must be at least 1, got {args.knn_eval_freq}")
     require(args.num_workers is None or args.num_workers >= 0, "--num_workers must not be negative")
-    require(0 <= getattr(args, "momentum_teacher", 0) <= 1,
-            f"--momentum_teacher must be in [0, 1], got {getattr(args, 'momentum_teacher', None)}")
+    if hasattr(args, "momentum_teacher"):  # main_distill.py's teacher is frozen: no EMA
+        require(0 <= args.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
     require(0 <= args.max_bad_images_fraction <= 1, "--max_bad_images_fraction must be in [0, 1]")
     for name in ("teacher_temp", "warmup_teacher_temp"):
         # The teacher must be sharper than the student (temperature 0.1): above, nothing prevents collapse.
@@ -235,7 +191,7 @@ def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim
     are set by the schedules at every step. With --backbone_lr_scale other than 1, the heads' groups come
     first (group 0's lr is the one logged) and the backbone's carry `lr_scale`."""
     params_groups = utils.get_params_groups(student)
-    scale = getattr(args, "backbone_lr_scale", 1.0)
+    scale = args.backbone_lr_scale
     if scale != 1.0:
         backbone = {id(p) for p in engine.unwrap(student).backbone.parameters()}
         params_groups = [{**group, "params": [p for p in group["params"] if (id(p) in backbone) == in_backbone],
@@ -265,7 +221,7 @@ def build_schedules(args: argparse.Namespace, niter_per_ep: int):
 def speed_setup(args: argparse.Namespace, student_backbone: nn.Module, teacher_backbone: nn.Module) -> None:
     """--grad_checkpointing (student), channels-last convnets on GPU and --compile, applied in place to the
     backbones (state_dict keys unchanged). Shared with main_distill.py."""
-    if getattr(args, "grad_checkpointing", False):
+    if args.grad_checkpointing:
         if not hasattr(student_backbone, "set_grad_checkpointing"):
             raise utils.UserError(f"--grad_checkpointing: {args.arch} does not support activation checkpointing")
         student_backbone.set_grad_checkpointing(True)
@@ -274,11 +230,11 @@ def speed_setup(args: argparse.Namespace, student_backbone: nn.Module, teacher_b
                 any(isinstance(m, nn.Conv2d) for m in backbone.modules()):
             # tensor-core convolutions run in NHWC; the weights' layout makes the convolutions pick it
             backbone.to(memory_format=torch.channels_last)
-        if getattr(args, "compile", False):
+        if args.compile:
             # One graph per crop resolution (2 with multi-crop), each compiled once; in place, so that
             # checkpoints keep their keys.
             backbone.compile(dynamic=False)
-    if getattr(args, "compile", False):
+    if args.compile:
         print("torch.compile: the first iterations at each crop resolution compile (can take minutes).")
 
 
@@ -289,34 +245,22 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     teacher, _ = backbones.build_backbone(args.arch, args.patch_size)
     student = utils.MultiCropWrapper(student, vits.DINOHead(
         embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
-    if args.pretrained_weights and not engine.has_checkpoint(args):
+    if args.pretrained_weights and not engine.has_checkpoint(args.output_dir, args.pretrained_weights):
         checkpointing.init_from_pretrained(student.backbone, {"head.": student.head}, args.pretrained_weights,
                                            args.checkpoint_key, args.arch, args.patch_size)
     teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
     if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
-        backbones.check_input_sizes(student.backbone, {"--global_crops_size": args.global_crops_size,
-                                                       "--local_crops_size": args.local_crops_size}, args.arch,
-                                    cpu_bf16=runtime.cpu_bf16(args.device, args.use_fp16, args.amp_dtype))
+        sizes = {"--global_crops_size": args.global_crops_size, "--local_crops_size": args.local_crops_size}
+        backbones.check_input_sizes(student.backbone, sizes, args.arch)
+        if runtime.cpu_bf16(args.device, args.use_fp16, args.amp_dtype):
+            backbones.check_cpu_bf16_convolutions(student.backbone, sizes, args.arch)
     speed_setup(args, student.backbone, teacher.backbone)
 
-    distributed = args.world_size > 1
-    if utils.has_batchnorms(student) and distributed and args.device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        # the official code wraps the teacher in DDP so that its synchronised batch norms work
-        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=[args.gpu])
-        teacher_without_ddp = teacher.module
-    else:
-        if utils.has_batchnorms(student) and distributed:
-            print("Batch norms are not synchronised across CPU processes (SyncBatchNorm needs CUDA).")
-        teacher_without_ddp = teacher
-    if distributed:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
-    student_without_ddp = student.module if distributed else student
+    student, teacher = engine.distribute(student, args.device, teacher)  # SyncBatchNorm and DDP, if several processes
+    teacher_without_ddp = engine.unwrap(teacher)
     # teacher and student start with the same weights
-    teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
+    teacher_without_ddp.load_state_dict(engine.unwrap(student).state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     print(f"Student and Teacher are built: they are both {args.arch} network.")
@@ -333,8 +277,8 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     ).to(args.device)
 
     optimizer = build_optimizer(args, student)
-    autocast, fp16_scaler, precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
-    print(f"Precision: {precision}.")
+    precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
+    print(f"Precision: {precision.description}.")
     lr_schedule, wd_schedule = build_schedules(args, niter_per_ep)
     # momentum parameter is increased to 1. during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
@@ -342,33 +286,29 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
         print(f"Backbone frozen in student and teacher for {args.freeze_backbone_epochs} epoch(s): heads only.")
     print("Loss, optimizer and schedulers ready.")
     return SimpleNamespace(student=student, teacher=teacher, teacher_without_ddp=teacher_without_ddp,
-                           dino_loss=dino_loss, optimizer=optimizer, fp16_scaler=fp16_scaler, autocast=autocast,
-                           precision=precision, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                           dino_loss=dino_loss, optimizer=optimizer, precision=precision,
+                           lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                            momentum_schedule=momentum_schedule)
 
 
 def train_dino(args: argparse.Namespace) -> None:
     check_args(args)
-    runtime.setup_run(args)
+    runtime.setup_run(args, deterministic=args.deterministic)
 
     # ============ preparing data ... ============
     dataset, data_loader = build_data(args)
-    niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args)
+    niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args.grad_accum_steps)
 
     run = build_training(args, niter_per_ep)
-    evaluate = eval_knn.online_knn_callback(args, run.teacher_without_ddp.backbone, run.autocast, "teacher")
-    evaluate = health.epoch_callback(args, dataset.base, run.teacher_without_ddp.backbone, run.autocast, evaluate)
-    student, teacher, optimizer, dino_loss = run.student, run.teacher, run.optimizer, run.dino_loss
-    bad_images = data.BadImageTracker(len(dataset), args.max_bad_images_fraction)
-    step, after_step = dino_step(student, teacher, run.teacher_without_ddp, dino_loss, run.momentum_schedule,
-                                 frozen_backbone_iters=args.freeze_backbone_epochs * niter_per_ep)
+    teacher_backbone, autocast = run.teacher_without_ddp.backbone, run.precision.autocast
+    evaluate = eval_knn.online_knn_callback(args, teacher_backbone, autocast, "teacher")
+    evaluate = health.epoch_callback(args, dataset.base, teacher_backbone, autocast, evaluate)
+    step, after_step = dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss,
+                                 run.momentum_schedule, frozen_backbone_iters=args.freeze_backbone_epochs * niter_per_ep)
     print("Starting DINO training !")
-    engine.fit(args, step=step, student=student, optimizer=optimizer, data_loader=data_loader,
-               lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule,
-               state={"teacher": teacher, "dino_loss": dino_loss}, autocast=run.autocast,
-               fp16_scaler=run.fp16_scaler, after_step=after_step, bad_images=bad_images,
-               evaluate=evaluate, evaluate_at_start=args.knn_eval_at_start,
-               detector=health.build_detector(args, niter_per_ep))
+    engine.fit(args, step=step, student=run.student, optimizer=run.optimizer, data_loader=data_loader,
+               lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule, precision=run.precision,
+               state={"teacher": run.teacher, "dino_loss": run.dino_loss}, after_step=after_step, evaluate=evaluate)
 
 
 def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module, dino_loss: DINOLoss,
@@ -410,4 +350,4 @@ def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Mo
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('DINO', parents=[get_args_parser()])
     args = parser.parse_args()
-    utils.run_script(train_dino, args)
+    runtime.run_script(train_dino, args)

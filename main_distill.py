@@ -29,13 +29,12 @@ import torch.nn.functional as F
 
 import backbones
 import checkpointing
-import runtime
-import data
 import engine
 import eval_knn
 import health
 import main_dino
 import masking
+import runtime
 import utils
 import vision_transformer as vits
 from losses import CLSTokenLoss, DINOLoss, KoLeoLoss, gram_loss, iBOTPatchLoss, sinkhorn_knopp, spd_loss
@@ -257,11 +256,11 @@ def train_distill(args: argparse.Namespace) -> None:
                                                 mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
     except ValueError as e:  # a flag out of range: the message names it
         raise utils.UserError(str(e)) from None
-    runtime.setup_run(args)
+    runtime.setup_run(args, deterministic=args.deterministic)
 
     # ============ data ... ============
     dataset, data_loader = main_dino.build_data(args, mask_sampler)
-    niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args)
+    niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args.grad_accum_steps)
 
     # ============ teacher and student ... ============
     t_backbone, t_head, t_ibot_head, t_dim, teacher_hash = build_teacher(args)
@@ -270,22 +269,16 @@ def train_distill(args: argparse.Namespace) -> None:
     head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
     ibot_head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head,
                               norm_last_layer=args.norm_last_layer) if args.ibot_separate_head else None
-    if args.pretrained_weights and not engine.has_checkpoint(args):
+    if args.pretrained_weights and not engine.has_checkpoint(args.output_dir, args.pretrained_weights):
         checkpointing.init_from_pretrained(backbone, {"head.": head, "ibot_head.": ibot_head}, args.pretrained_weights,
                                            args.checkpoint_key, args.arch, args.patch_size)
     student = DistillStudent(backbone, head, ibot_head, CLSTokenLoss(dim, t_dim)).to(args.device)
     main_dino.speed_setup(args, student.backbone, t_backbone)
     if args.compile:
         compile_forward_features(student.backbone, t_backbone)
-    if args.world_size > 1:
-        if utils.has_batchnorms(student) and args.device.type == "cuda":
-            # BN heads (--use_bn_in_head) normalise over the global batch, as main_dino.py does. The frozen
-            # teacher's heads are in eval mode (running statistics), which SyncBatchNorm would not change.
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        elif utils.has_batchnorms(student):
-            print("Batch norms are not synchronised across CPU processes (SyncBatchNorm needs CUDA).")
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    # BN heads (--use_bn_in_head) normalise over the global batch, as in main_dino.py; the frozen teacher's heads
+    # use their running statistics, which SyncBatchNorm would not change
+    student, _ = engine.distribute(student, args.device)
     print(f"Teacher {args.teacher_arch} ({t_dim}) frozen; student {args.arch}/{args.patch_size} ({dim}).")
 
     # ============ losses, optimizer, schedules ... ============
@@ -301,11 +294,11 @@ def train_distill(args: argparse.Namespace) -> None:
     for fn in loss_fns.values():
         fn.to(args.device)
     optimizer = main_dino.build_optimizer(args, student)
-    autocast, fp16_scaler, precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
-    print(f"Precision: {precision}.")
+    precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
+    print(f"Precision: {precision.description}.")
     lr_schedule, wd_schedule = main_dino.build_schedules(args, niter_per_ep)
-    evaluate = eval_knn.online_knn_callback(args, engine.unwrap(student).backbone, autocast, "student")
-    evaluate = health.epoch_callback(args, dataset.base, engine.unwrap(student).backbone, autocast, evaluate)
+    evaluate = eval_knn.online_knn_callback(args, engine.unwrap(student).backbone, precision.autocast, "student")
+    evaluate = health.epoch_callback(args, dataset.base, engine.unwrap(student).backbone, precision.autocast, evaluate)
 
     def check_checkpoint(checkpoint: dict) -> None:
         saved = checkpoint.get("teacher_hash") if isinstance(checkpoint, dict) else None
@@ -318,11 +311,8 @@ def train_distill(args: argparse.Namespace) -> None:
     print("Starting distillation !")
     engine.fit(args, step=distill_step(student, (t_backbone, t_head, t_ibot_head), loss_fns, args),
                student=student, optimizer=optimizer, data_loader=data_loader, lr_schedule=lr_schedule,
-               wd_schedule=wd_schedule, state={"dino_loss": loss_fns["dino"], "ibot_loss": loss_fns["ibot"]},
-               autocast=autocast, fp16_scaler=fp16_scaler,
-               bad_images=data.BadImageTracker(len(dataset), args.max_bad_images_fraction),
-               evaluate=evaluate, evaluate_at_start=args.knn_eval_at_start,
-               detector=health.build_detector(args, niter_per_ep),
+               wd_schedule=wd_schedule, precision=precision,
+               state={"dino_loss": loss_fns["dino"], "ibot_loss": loss_fns["ibot"]}, evaluate=evaluate,
                extra_checkpoint={"teacher_weights": args.teacher_weights, "teacher_arch": args.teacher_arch,
                                  "teacher_hash": teacher_hash},
                check_checkpoint=check_checkpoint)
@@ -330,4 +320,4 @@ def train_distill(args: argparse.Namespace) -> None:
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('Distillation', parents=[get_args_parser()])
-    utils.run_script(train_distill, parser.parse_args())
+    runtime.run_script(train_distill, parser.parse_args())

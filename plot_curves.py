@@ -10,6 +10,7 @@ import argparse
 import os
 from typing import Any, Dict, List, Sequence
 
+import runtime
 import tracking
 import utils
 
@@ -65,4 +66,4 @@ if __name__ == "__main__":
         (default: every key for one run; for several, the loss, k-NN top-1, linear top-1, the health signals
         and lr).""")
     parser.add_argument("--all", action="store_true", help="plot every numeric key, also for several runs")
-    utils.run_script(main, parser.parse_args())
+    runtime.run_script(main, parser.parse_args())

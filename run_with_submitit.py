@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
+import runtime
 import utils
 
 # script -> (module, the function that runs it)
@@ -127,7 +128,9 @@ class Trainer:
         module_name, main_name = SCRIPTS[self.script]
         main = getattr(importlib.import_module(module_name), main_name)
         try:
-            return main(args)
+            result = main(args)
+            runtime.barrier()  # every task reaches the end before any leaves, as in runtime.run_script
+            return result
         except utils.UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise

@@ -81,8 +81,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: f
 # image whatever the class, light grey on a dark background with a little noise; only the positions and
 # rotations vary. Why so plain: DINO first learns whatever two crops of one image share and other images do
 # not; given coloured shapes on coloured backgrounds it learns the colours (k-NN on the classes falls), here
-# the shape is all there is to learn. Equal areas keep the classes apart from a plain brightness statistic, so a
-# random network separates them poorly (20-NN about 24%).
+# the shape is all there is to learn. Equal areas keep a plain brightness statistic from telling the classes apart,
+# so that a random network separates them poorly (docs/training.md).
 SHAPES_PER_IMAGE = 3
 SHAPE_AREA = 0.07  # share of the image covered by each shape, before overlaps
 BACKGROUND, FOREGROUND, NOISE = 0.12, 0.88, 0.03  # grey levels in [0, 1], noise standard deviation

@@ -9,8 +9,8 @@ the training-curve plot.
 - `--logger tensorboard wandb` (either, both, or none): the same values, plus every epoch's `log.txt`
   record, against the global training iteration, so that a resumed run continues the same curve.
 
-    tracker = tracking.Tracker(args, start_iteration=..., iters_per_epoch=..., images_per_batch=...,
-                               state=checkpoint.get("tracking"))
+    tracker = tracking.Tracker(output_dir, **tracking.options(args), start_iteration=..., iters_per_epoch=...,
+                               images_per_batch=..., state=checkpoint.get("tracking"))
     with tracker:                                 # opens the files and loggers (rank 0 only)
         for batch in tracker.timed(loader):       # data time and images/s
             ...
@@ -31,8 +31,8 @@ import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
+import checkpointing
 import utils
 
 HISTORY_FILE = "log_iters.jsonl"
@@ -69,15 +69,12 @@ def check_args(args: argparse.Namespace) -> None:
                                   f"{install} (or leave {name} out of --logger)") from None
 
 
-def grad_norms(model: nn.Module, scaler: Optional[torch.amp.GradScaler] = None) -> Optional[torch.Tensor]:
-    """Per-parameter gradient norms on the device (no synchronisation), as `utils.clip_gradients` returns
-    them, for runs without clipping; gradients of an fp16 scaler that were not unscaled are divided by its
-    scale."""
-    _, norms = utils.grad_norms(model)
-    if norms is None:
-        return None
-    scale = getattr(scaler, "_scale", None) if scaler is not None else None
-    return norms / scale.to(norms.device) if isinstance(scale, torch.Tensor) else norms
+def options(args: argparse.Namespace) -> Dict[str, Any]:
+    """`Tracker`'s keyword arguments from the flags of `add_tracking_args`, and the run's configuration."""
+    return {"log_freq": args.log_freq, "loggers": list(args.logger),
+            "wandb": {"project": args.wandb_project, "entity": args.wandb_entity, "name": args.wandb_run_name,
+                      "tags": list(args.wandb_tags)},
+            "config": checkpointing.plain_args(args)}
 
 
 class _Pending:
@@ -124,10 +121,6 @@ class _Timed:
             start = end
 
 
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, (int, float, str, bool, type(None), list, tuple)) else str(value)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -142,12 +135,12 @@ class Tracker:
     `state`: what `state_dict()` returned into the checkpoint (the W&B run id, continued on resume).
     """
 
-    def __init__(self, args: argparse.Namespace, *, start_iteration: int, iters_per_epoch: int,
-                 images_per_batch: int, state: Optional[Dict[str, Any]] = None, output_dir: Optional[str] = None):
-        self.args = args
-        self.output_dir = output_dir if output_dir is not None else args.output_dir
-        self.log_freq = args.log_freq
-        self.loggers = list(dict.fromkeys(getattr(args, "logger", []) or []))
+    def __init__(self, output_dir: str, *, start_iteration: int, iters_per_epoch: int, images_per_batch: int,
+                 log_freq: int = 10, loggers: Sequence[str] = (), wandb: Optional[Dict[str, Any]] = None,
+                 config: Optional[Dict[str, Any]] = None, state: Optional[Dict[str, Any]] = None):
+        self.output_dir, self.log_freq = output_dir, log_freq
+        self.loggers = list(dict.fromkeys(loggers))
+        self.wandb_options, self.config = dict(wandb or {}), dict(config or {})
         self.start_iteration, self.iters_per_epoch = start_iteration, max(iters_per_epoch, 1)
         self.images_per_batch = images_per_batch
         self.state = dict(state or {})
@@ -210,7 +203,7 @@ class Tracker:
         # so the curve continues without duplicates.
         self.tb_writer = SummaryWriter(log_dir, purge_step=self.start_iteration or None, flush_secs=30)
         if self.start_iteration == 0:
-            rows = "\n".join(f"| {k} | {_plain(v)} |" for k, v in sorted(vars(self.args).items()))
+            rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(self.config.items()))
             self.tb_writer.add_text("config", "| flag | value |\n| --- | --- |\n" + rows, 0)
         print(f"TensorBoard: event files in {log_dir}; view them with: tensorboard --logdir {log_dir}")
 
@@ -219,10 +212,11 @@ class Tracker:
         resumed = self.start_iteration > 0 and bool(self.state.get("wandb_run_id"))
         mode = os.environ.get("WANDB_MODE")  # online, offline (e.g. no network), disabled
         # a new run gets its id from W&B; a resumed one continues the id kept in the checkpoint
-        kwargs = dict(project=self.args.wandb_project, entity=self.args.wandb_entity,
-                      name=self.args.wandb_run_name or os.path.basename(os.path.abspath(self.output_dir)),
-                      tags=list(self.args.wandb_tags) or None, dir=self.output_dir,
-                      config={k: _plain(v) for k, v in vars(self.args).items()}, allow_val_change=True,
+        w = self.wandb_options
+        kwargs = dict(project=w.get("project", "dino"), entity=w.get("entity"),
+                      name=w.get("name") or os.path.basename(os.path.abspath(self.output_dir)),
+                      tags=list(w.get("tags") or []) or None, dir=self.output_dir, config=self.config,
+                      allow_val_change=True,
                       **({"id": self.state["wandb_run_id"], "resume": "allow"} if resumed else {}))
         try:
             self.wandb_run = wandb.init(mode=mode, **kwargs)
@@ -389,14 +383,8 @@ def sync_log_with_checkpoint(log_path: str, log_history: Optional[Sequence[Dict[
 
 
 def write_json_lines(path: str, records: Sequence[Dict[str, Any]]) -> None:
-    """Rewrite a JSON-lines file atomically (temporary file, then rename)."""
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Rewrite a JSON-lines file atomically (checkpointing.atomic_write)."""
+    checkpointing.atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), mode="w")
 
 
 # The curves a DINO researcher looks at first, in this order; other numeric keys follow.
@@ -496,8 +484,8 @@ def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]
         fig.legend([handles[label] for label in shown], shown, loc="upper center", ncol=min(len(shown), 5),
                    frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - legend / fig.get_figheight()))
-    tmp = f"{out_png}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)  # a viewer refreshing the file never sees half of it
+    try:  # atomically: a viewer refreshing the file never sees half of it
+        checkpointing.atomic_write(out_png, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return out_png

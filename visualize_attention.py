@@ -30,9 +30,10 @@ from PIL import Image
 
 import augmentations
 import backbones
-import synthetic
-import runtime
+import checkpointing
 import data
+import runtime
+import synthetic
 import utils
 
 # The official overlay draws one instance in the first of its `random_colors(1)`: HSV (0, 1, 1), red.
@@ -41,14 +42,7 @@ MASK_COLOR = (1.0, 0.0, 0.0)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Visualize Self-Attention maps', add_help=False)
-    parser.add_argument('--arch', default='vit_small', type=str, help="""Architecture: vit_nano, vit_tiny, vit_small,
-        vit_base or vit_large (deit_tiny/small/base aliases). Only these ViTs expose their attention.""")
-    parser.add_argument('--patch_size', default=8, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to load
-        (a checkpoint of main_dino.py, an official DINO full or backbone-only checkpoint; an http(s) URL is
-        downloaded, nothing else is). Empty: random weights.""")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
+    backbones.add_model_args(parser, patch_size=8, images=False)  # --arch, --patch_size 8, weights
     parser.add_argument("--image_path", default=None, type=str, help="""Path of the image to load. None: a
         generated image of a synthetic shape (never a download).""")
     parser.add_argument("--image_size", default=(480, 480), type=int, nargs="+", help="""Resize image: height
@@ -95,15 +89,6 @@ def preprocess(img: Image.Image, image_size: Sequence[int], patch_size: int) -> 
         raise utils.UserError(f"--image_size {' '.join(map(str, image_size))} resizes the image to "
                               f"{img.shape[1]}x{img.shape[2]}, smaller than one {patch_size}x{patch_size} patch")
     return img[:, :w, :h].unsqueeze(0)
-
-
-def unnormalize(img: torch.Tensor) -> np.ndarray:
-    """[1, 3, H, W] normalised tensor -> [H, W, 3] uint8, the colours the model was shown."""
-    mean = torch.tensor(augmentations.IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(augmentations.IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    x = (img[0].detach().cpu().float() * std + mean).clamp(0, 1)
-    # as torchvision.utils.save_image: round to the nearest 8-bit level
-    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,7 +151,7 @@ def save_mask_overlay(image: np.ndarray, mask: np.ndarray, fname: str,
                    colors=[color], linewidths=1)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
-    fig.savefig(fname, dpi=dpi)
+    checkpointing.atomic_write(fname, lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,12 +196,12 @@ def visualize_attention(args: argparse.Namespace) -> List[str]:
 
     # save attentions heatmaps
     import matplotlib.image  # imsave without pyplot: same file as plt.imsave, no GUI backend needed
-    image = unnormalize(img)
+    image = augmentations.unnormalize(img)
     paths = [os.path.join(args.output_dir, "img.png")]
-    Image.fromarray(image).save(paths[0])
+    checkpointing.atomic_write(paths[0], lambda f: Image.fromarray(image).save(f, format="PNG"))
     for j in range(nh):
         fname = os.path.join(args.output_dir, "attn-head" + str(j) + ".png")
-        matplotlib.image.imsave(fname=fname, arr=attentions[j], format='png')
+        checkpointing.atomic_write(fname, lambda f: matplotlib.image.imsave(f, arr=attentions[j], format='png'))
         paths.append(fname)
     if th_attn is not None:
         for j in range(nh):
@@ -233,4 +218,4 @@ def visualize_attention(args: argparse.Namespace) -> List[str]:
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('Visualize Self-Attention maps', parents=[get_args_parser()])
-    utils.run_script(visualize_attention, parser.parse_args())
+    runtime.run_script(visualize_attention, parser.parse_args())

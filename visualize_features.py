@@ -36,12 +36,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import augmentations
 import backbones
+import checkpointing
 import data
 import extract_features
 import runtime
 import utils
-import visualize_attention
 from utils import UserError
 
 PAIRS_PER_ROW = 4  # pca.png: image-and-map pairs per row
@@ -116,7 +117,7 @@ def load_from_dataset(dataset: data.LabeledDataset, indices: Sequence[int]) -> T
 
 def thumbnail(image: torch.Tensor) -> np.ndarray:
     """A normalised [3, H, W] image as the uint8 [H, W, 3] pixels the model was shown."""
-    return visualize_attention.unnormalize(image.unsqueeze(0))
+    return augmentations.unnormalize(image)
 
 
 def show_path(path: str, transform) -> np.ndarray:
@@ -282,7 +283,7 @@ def save_grid(tiles: Sequence[Sequence[Tuple[np.ndarray, str]]], fname: str, dpi
             ax.imshow(image, interpolation="nearest")
             ax.set_title(text, fontsize=8, pad=2)
             ax.set_axis_off()
-    fig.savefig(fname, dpi=dpi)
+    checkpointing.atomic_write(fname, lambda out: fig.savefig(out, dpi=dpi, format="png"))
 
 
 def short(path: str, width: int = 18) -> str:
@@ -294,7 +295,7 @@ def short(path: str, width: int = 18) -> str:
 # Script
 # ----------------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
-    if not args.image_paths and not args.data_path and not getattr(args, "features_dir", None):
+    if not args.image_paths and not args.data_path and not (args.mode == "neighbors" and args.features_dir):
         raise UserError("give the images: --image_paths, or --data_path to sample --num_images from")
     if args.num_images < 1:
         raise UserError("--num_images must be at least 1")
@@ -359,7 +360,7 @@ def load_collection(args: argparse.Namespace, device: torch.device) -> Collectio
     dataset = extract_features.build_collection(args)
     model = build_model(args, device)
     features, kept = embed_collection(model, dataset, args, device)
-    labels = np.asarray(dataset.targets)[kept] if extract_features.has_labels(dataset) else None
+    labels = np.asarray(dataset.targets)[kept] if data.has_labels(dataset) else None
     return Collection(features, [dataset.samples[i][0] for i in kept], labels, list(dataset.classes), model, None)
 
 
@@ -420,4 +421,4 @@ def visualize_features(args: argparse.Namespace) -> Dict[str, Any]:
 if __name__ == '__main__':
     parser = argparse.ArgumentParser('Visualize learned features (PCA maps, nearest neighbours)',
                                      parents=[get_args_parser()])
-    utils.run_script(visualize_features, parser.parse_args())
+    runtime.run_script(visualize_features, parser.parse_args())

@@ -273,7 +273,7 @@ def run_ours(bench, device, torch, synthetic):
     niter_per_ep = n_batches // args.grad_accum_steps
     run = main_dino.build_training(args, niter_per_ep)
     student, teacher, dino_loss, optimizer = run.student, run.teacher, run.dino_loss, run.optimizer
-    autocast, precision = run.autocast, run.precision
+    autocast, precision = run.precision.autocast, run.precision.description
     rss_models = max_rss_mib()
 
     # ---- the real loop, timed
@@ -281,7 +281,7 @@ def run_ours(bench, device, torch, synthetic):
     dino_step, after_step = main_dino.dino_step(student, teacher, run.teacher_without_ddp, dino_loss,
                                                 run.momentum_schedule)
     stats = engine.train_one_epoch(dino_step, student, optimizer, timed, run.lr_schedule, run.wd_schedule,
-                                   bench.epoch, args, run.fp16_scaler, autocast, after_step=after_step)
+                                   bench.epoch, args, after_step=after_step, precision=run.precision)
 
     # ---- FLOPs of one forward + backward (outside the timed loop; restores the loss centre)
     images = [im.to(device, non_blocking=True) for im in synthetic]

@@ -114,12 +114,14 @@ def dino_steps(cfg: dict, device: torch.device, precision: str, work: str, steps
     synthetic crops, from seed 0: (losses, student state, scaler)."""
     import engine
     import main_dino
+    import runtime
     args = step_args(cfg, device, work, ["--use_fp16", str(precision != "fp32"),
                                          "--amp_dtype", "fp16" if precision == "fp16" else "bf16"])
-    args.skip_nonfinite = 1 if precision == "fp16" else 0  # fp16: the GradScaler path of --skip_nonfinite too
+    # fp16: the GradScaler path of --skip_nonfinite too
+    guard = engine.NonFiniteGuard(device, skip_nonfinite=1 if precision == "fp16" else 0)
     torch.manual_seed(0)
     run = main_dino.build_training(args, niter_per_ep=steps)
-    autocast, scaler = run.autocast, run.fp16_scaler
+    autocast, scaler = run.precision.autocast, run.precision.scaler
     if precision == "fp32":
         autocast, scaler = contextlib.nullcontext, None
     elif device.type == "cpu":  # precision_setup offers fp16 on GPUs only: the same loop with a CPU scaler
@@ -139,7 +141,8 @@ def dino_steps(cfg: dict, device: torch.device, precision: str, work: str, steps
         losses.append(float(loss.detach()))
         return loss, terms
     engine.train_one_epoch(recorded, run.student, run.optimizer, loader, run.lr_schedule, run.wd_schedule, 1,
-                           args, scaler, autocast, after_step=after_step)
+                           args, after_step=after_step, precision=runtime.Precision(autocast, scaler, precision),
+                           guard=guard)
     state = {k: v.detach().clone() for k, v in engine.unwrap(run.student).state_dict().items()}
     return losses, state, scaler
 

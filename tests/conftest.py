@@ -168,7 +168,7 @@ def parse(module, *argv) -> argparse.Namespace:
 
 
 def assert_one_error_line(proc, message: str) -> None:
-    """What utils.run_script makes of a UserError: exit code 2 and one `error:` line on stderr, no traceback."""
+    """What runtime.run_script makes of a UserError: exit code 2 and one `error:` line on stderr, no traceback."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()

@@ -522,10 +522,10 @@ def test_bad_image_tracker(capsys):
     out = capsys.readouterr().out
     assert out.count("/d/x.jpg") == 1 and out.count("/d/y.png") == 1
     assert "truncated" in out
-    tracker.update([""])
+    tracker.agree([""])  # the training loop's call: within the limit, nothing happens
     assert tracker.count == 2
     with pytest.raises(utils.UserError, match=r"3 unreadable images out of 10"):
-        tracker.update(["/d/z.jpg: OSError: broken"])
+        tracker.agree(["/d/z.jpg: OSError: broken"])
 
 
 def test_multiline_error_counts_as_one_bad_image(tmp_path):

@@ -8,12 +8,14 @@ Run as a script under torchrun, this file is also the worker of the 2-process te
 """
 import argparse
 import builtins
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -33,16 +35,22 @@ REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------------
 def loop_args(**overrides) -> argparse.Namespace:
     """The flags engine.train_one_epoch reads, for a one-process CPU run."""
-    args = argparse.Namespace(grad_accum_steps=1, clip_grad=0.0, freeze_last_layer=0, epochs=1, print_freq=100,
-                              batch_size_per_gpu=2, world_size=1, rank=0, device=torch.device("cpu"),
-                              output_dir="/nonexistent", skip_nonfinite=1)
+    args = argparse.Namespace(grad_accum_steps=1, clip_grad=0.0, freeze_last_layer=0, freeze_backbone_epochs=0,
+                              epochs=1, print_freq=100, batch_size_per_gpu=2, world_size=1, rank=0,
+                              device=torch.device("cpu"))
     for k, v in overrides.items():
         setattr(args, k, v)
     return args
 
 
-def run_epoch(model, steps, make_loss, scaler, args):
-    """train_one_epoch over `steps` batches; `make_loss(model, x, it)` gives each step's loss."""
+def fp16(scaler):
+    """runtime.precision_setup's answer for fp16 with `scaler` (a CPU GradScaler here), autocast left out."""
+    return runtime.Precision(contextlib.nullcontext, scaler, "fp16 with gradient scaler")
+
+
+def run_epoch(model, steps, make_loss, scaler, args, guard=None, run=None):
+    """train_one_epoch over `steps` batches; `make_loss(model, x, it)` gives each step's loss. `guard`: by
+    default one that skips up to one non-finite step (--skip_nonfinite 1)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(2, 4, generator=g), torch.zeros(2), ["", ""]) for _ in range(steps)]
@@ -50,7 +58,8 @@ def run_epoch(model, steps, make_loss, scaler, args):
     def step(batch, epoch, it):
         return make_loss(model, batch, it), {}
     return engine.train_one_epoch(step, model, optimizer, loader, [0.1] * steps, [0.0] * steps, 0, args,
-                                  fp16_scaler=scaler)
+                                  precision=fp16(scaler), run=run,
+                                  guard=guard or engine.NonFiniteGuard(args.device, skip_nonfinite=1))
 
 
 def test_fp16_scaler_skips_a_nan_loss_step_and_counts_it():
@@ -66,9 +75,10 @@ def test_fp16_scaler_skips_a_nan_loss_step_and_counts_it():
         return loss * float("nan") if it == 1 else loss
 
     # before the fix: RuntimeError "No inf checks were recorded for this optimizer" at the skipped step
-    run_epoch(model, 3, make_loss, scaler, args)
+    guard = engine.NonFiniteGuard(args.device, skip_nonfinite=1)
+    run_epoch(model, 3, make_loss, scaler, args, guard)
     weights.append(model.weight.detach().clone())
-    assert args.nonfinite_skipped == 1
+    assert guard.skipped == 1
     assert torch.equal(weights[1], weights[2]), "the skipped step must not update the weights"
     assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[2], weights[3])
     assert torch.isfinite(model.weight).all()
@@ -85,14 +95,15 @@ def test_fp16_scaler_overflow_with_finite_loss_is_left_to_the_scaler_not_counted
     def make_loss(m, x, it):
         return 100 * m(x).pow(2).mean()
 
-    run_epoch(model, 1, make_loss, scaler, args)
-    assert getattr(args, "nonfinite_skipped", 0) == 0, "an fp16 overflow is GradScaler's to skip, not a bad step"
+    guard = engine.NonFiniteGuard(args.device, skip_nonfinite=1)
+    run_epoch(model, 1, make_loss, scaler, args, guard)
+    assert guard.skipped == 0, "an fp16 overflow is GradScaler's to skip, not a bad step"
     assert torch.equal(model.weight, before), "GradScaler skips the overflowing step"
     assert scaler.get_scale() < 2.0 ** 127, "and lowers its scale"
     # the next steps, at a sane scale, train
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    run_epoch(model, 2, make_loss, scaler, args)
-    assert getattr(args, "nonfinite_skipped", 0) == 0 and not torch.equal(model.weight, before)
+    run_epoch(model, 2, make_loss, scaler, args, guard)
+    assert guard.skipped == 0 and not torch.equal(model.weight, before)
 
 
 def test_fp16_scaler_stops_at_the_second_nan_step_with_skip_nonfinite_1():
@@ -104,19 +115,39 @@ def test_fp16_scaler_stops_at_the_second_nan_step_with_skip_nonfinite_1():
         loss = m(x).pow(2).mean()
         return loss * float("nan") if it in (0, 2) else loss
 
+    guard = engine.NonFiniteGuard(args.device, skip_nonfinite=1)
     with pytest.raises(utils.UserError, match=r"after 1 skipped step"):
-        run_epoch(model, 4, make_loss, scaler, args)
-    assert args.nonfinite_skipped == 2
+        run_epoch(model, 4, make_loss, scaler, args, guard)
+    assert guard.skipped == 2
 
 
-def test_finite_step_judges_only_the_loss_when_the_scaler_checks_the_gradients():
+def test_skip_judges_only_the_loss_when_the_scaler_checks_the_gradients():
     model = nn.Linear(2, 1)
     model(torch.ones(1, 2)).sum().backward()
     model.weight.grad.fill_(float("inf"))
-    args = loop_args()
-    assert engine.finite_step(model, torch.tensor(1.0), 0, 0, args, check_grads=False)
-    assert not engine.finite_step(model, torch.tensor(1.0), 0, 0, args, check_grads=True)
-    assert args.nonfinite_skipped == 1
+    guard = engine.NonFiniteGuard(torch.device("cpu"), skip_nonfinite=1)
+    assert not guard.skip(model, torch.tensor(1.0), 0, 0, check_grads=False)
+    assert guard.skip(model, torch.tensor(1.0), 0, 0, check_grads=True)
+    assert guard.skipped == 1
+
+
+def test_logged_gradient_norm_is_the_true_one_under_an_fp16_scaler(tmp_path):
+    """With a GradScaler and no clipping, the gradients are unscaled before they are logged: log_iters.jsonl's
+    grad_norm is the norm of the true gradients, not of the scaled ones (2**10 times larger here)."""
+    import tracking
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))  # run_epoch's first batch
+    reference(x).pow(2).mean().backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+    tracker = tracking.Tracker(str(tmp_path), start_iteration=0, iters_per_epoch=1, images_per_batch=2, log_freq=1)
+    run = types.SimpleNamespace(tracker=tracker, rank_position=lambda epoch: None, between_steps=lambda it, fn: None)
+    with tracker:
+        run_epoch(model, 1, lambda m, x, it: m(x).pow(2).mean(), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10),
+                  loop_args(), run=run)
+    assert tracking.read_history(str(tmp_path), as_dataframe=False)["grad_norm"] == [pytest.approx(expected, rel=1e-5)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +231,7 @@ def test_deterministic_flag_parses_and_sets_cublas_workspace(monkeypatch, tmp_pa
     monkeypatch.setattr(runtime, "gpu_math_setup", seen.append)
     monkeypatch.setattr(builtins, "print", builtins.print)
     args = main_dino.get_args_parser().parse_args(["--deterministic", "true", "--output_dir", str(tmp_path)])
-    runtime.setup_run(args)
+    runtime.setup_run(args, deterministic=args.deterministic)  # as main_dino.train_dino calls it
     assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and seen == [True]
 
 
@@ -318,10 +349,9 @@ def two_rank_worker(out_dir: str) -> None:
     results["raise_together"] = outcome(lambda: runtime.raise_together("disk full on rank 1" if rank == 1 else None))
     results["raise_together_none"] = outcome(lambda: runtime.raise_together(None))
 
-    # engine.check_finite at iteration 3: the loss is NaN on rank 1 only
-    args = loop_args(world_size=world, rank=rank)
-    results["check_finite"] = outcome(lambda: engine.check_finite(
-        torch.tensor(float("nan") if rank == 1 else 1.0), 0, 3, args))
+    # the loss check after the backward of batch 3: the loss is NaN on rank 1 only
+    results["check_finite"] = outcome(lambda: engine.NonFiniteGuard(torch.device("cpu")).watch(
+        torch.tensor(float("nan") if rank == 1 else 1.0), 0, 3))
 
     # the training loop: rank 0 meets two unreadable images at its step 1, rank 1 none; limit 1 of 4 images
     tracker = data.BadImageTracker(dataset_size=4, max_fraction=0.25)
@@ -335,8 +365,8 @@ def two_rank_worker(out_dir: str) -> None:
         steps_seen.append(it)
         return model(batch).pow(2).mean(), {}
     results["bad_images"] = outcome(lambda: engine.train_one_epoch(
-        step, model, optimizer, loader, [0.1] * 3, [0.0] * 3, 0, loop_args(world_size=world, rank=rank,
-                                                                          skip_nonfinite=0), bad_images=tracker))
+        step, model, optimizer, loader, [0.1] * 3, [0.0] * 3, 0, loop_args(world_size=world, rank=rank),
+        bad_images=tracker))
     results["bad_images_step"] = steps_seen[-1]
 
     # backbones.gather_in_order: rank r holds rows r, r + 2, ... of 7 samples padded to 8 (the padding repeats
@@ -404,11 +434,40 @@ def test_masked_rows_by_index_equal_boolean_indexing():
     torch.testing.assert_close(losses[0], losses[1])
 
 
-def test_distill_converts_bn_heads_to_syncbn_on_cuda_only():
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_distribute_synchronises_batch_norms_on_cuda_only(monkeypatch, capsys, device):
+    """engine.distribute, which main_dino.py (student and EMA teacher) and main_distill.py (student) use: with
+    several processes, batch norms become SyncBatchNorm on CUDA only (said on CPU), the student goes into DDP,
+    and a teacher with batch norms too (the official way of making them work); one process changes nothing."""
     import inspect
     import main_distill
-    source = inspect.getsource(main_distill.train_distill)
-    assert "convert_sync_batchnorm" in source and 'args.device.type == "cuda"' in source
+    wrapped = []
+
+    class FakeDDP(nn.Module):  # DDP itself needs a process group
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module, self.device_ids = module, device_ids
+            wrapped.append(self)
+
+    def bn_net():
+        return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", FakeDDP)
+    student, teacher = bn_net(), bn_net()
+    assert engine.distribute(student, torch.device(device, 0) if device == "cuda" else torch.device(device),
+                             teacher) == (student, teacher)  # one process
+    monkeypatch.setattr(runtime, "get_world_size", lambda: 2)
+    target = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    d_student, d_teacher = engine.distribute(bn_net(), target, bn_net())
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in d_student.modules())
+    assert isinstance(d_student, FakeDDP) and synced == (device == "cuda")
+    assert d_student.device_ids == ([0] if device == "cuda" else None)
+    assert isinstance(d_teacher, FakeDDP) == (device == "cuda")
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in d_teacher.modules()) == (device == "cuda")
+    assert ("not synchronised across CPU processes" in capsys.readouterr().out) == (device == "cpu")
+    d_student, d_teacher = engine.distribute(nn.Linear(4, 4), target, nn.Linear(4, 4))  # no batch norm
+    assert isinstance(d_student, FakeDDP) and not isinstance(d_teacher, FakeDDP)
+    assert "engine.distribute(student, args.device)" in inspect.getsource(main_distill.train_distill)
 
 
 def test_spd_eigh_library_choice(monkeypatch):

@@ -215,7 +215,7 @@ def test_cpu_bf16_on_a_1x1_strided_convolution_stops_at_start_up():
     with pytest.raises(utils.UserError, match=r"--local_crops_size 16 gives a 1x1 map to a strided convolution "
                                               r"\(layer4\.0\.conv1\).*drop --amp_dtype bf16"
                                               r".*--local_crops_size 24 or more"):
-        backbones.check_input_sizes(model, sizes, "resnet18", cpu_bf16=True)
+        backbones.check_cpu_bf16_convolutions(model, sizes, "resnet18")
     assert model.training
     backbones.check_input_sizes(model, sizes, "resnet18")  # fp32: fine
-    backbones.check_input_sizes(model, {"--global_crops_size": 64, "--local_crops_size": 32}, "resnet18", cpu_bf16=True)
+    backbones.check_cpu_bf16_convolutions(model, {"--global_crops_size": 64, "--local_crops_size": 32}, "resnet18")

@@ -32,6 +32,11 @@ def make_args(out, *flags):
     return args
 
 
+def make_tracker(args, **kwargs):
+    """A Tracker as engine.Run makes one: the output folder, the tracking flags, the run's iterations."""
+    return tracking.Tracker(args.output_dir, **tracking.options(args), **kwargs)
+
+
 def train(tracker, iterations, first=0, loss_offset=0.0, epoch_every=5):
     """Fake training loop: iterations [first, iterations) through tracker.timed, as engine.py drives it."""
     with tracker:
@@ -70,7 +75,7 @@ def test_history_is_written_every_log_freq_and_read_back(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     args = make_args(out, "--log_freq", 3)
-    tracker = tracking.Tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8)
+    tracker = make_tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8)
     assert train(tracker, 10) == {}  # no W&B: nothing to keep in the checkpoint
     history = tracking.read_history(str(out), as_dataframe=False)
     assert history["iteration"] == [0, 3, 6, 9]
@@ -87,14 +92,14 @@ def test_history_is_written_every_log_freq_and_read_back(tmp_path, monkeypatch):
     assert tracking.read_history(str(out / tracking.HISTORY_FILE), as_dataframe=False)["iteration"] == [0, 3, 6, 9]
 
     # resumed at iteration 6 (the checkpoint's): what was logged from there on is redone, once
-    tracker = tracking.Tracker(args, start_iteration=6, iters_per_epoch=5, images_per_batch=8)
+    tracker = make_tracker(args, start_iteration=6, iters_per_epoch=5, images_per_batch=8)
     train(tracker, 12, first=6, loss_offset=100)
     history = tracking.read_history(str(out), as_dataframe=False)
     assert history["iteration"] == [0, 3, 6, 9]
     assert history["loss"] == [0.0, 3.0, 106.0, 109.0]
 
     # a new run in the same folder moves the old history aside, as log.txt
-    tracker = tracking.Tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8)
+    tracker = make_tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8)
     train(tracker, 2)
     assert tracking.read_history(str(out), as_dataframe=False)["iteration"] == [0]
     assert (out / (tracking.HISTORY_FILE + ".old")).is_file()
@@ -118,8 +123,8 @@ def test_tensorboard_curve_continues_without_duplicates_after_resume(tmp_path):
     out.mkdir()
     args = make_args(out, "--log_freq", 1, "--logger", "tensorboard")
     # the first process logged up to iteration 13, but its last checkpoint was taken at iteration 10
-    train(tracking.Tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8), 14)
-    train(tracking.Tracker(args, start_iteration=10, iters_per_epoch=5, images_per_batch=8), 20, first=10,
+    train(make_tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8), 14)
+    train(make_tracker(args, start_iteration=10, iters_per_epoch=5, images_per_batch=8), 20, first=10,
           loss_offset=100)
     log_dir = out / tracking.TENSORBOARD_DIR
     assert len(glob.glob(str(log_dir / "events.out.tfevents.*"))) == 2
@@ -142,7 +147,7 @@ def test_wandb_offline_run_folder_and_the_same_run_after_resume(tmp_path, wandb_
     # why and how to upload
     wandb_env.delenv("WANDB_MODE")
     wandb_env.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    state = train(tracking.Tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8), 10)
+    state = train(make_tracker(args, start_iteration=0, iters_per_epoch=5, images_per_batch=8), 10)
     printed = capsys.readouterr().out
     assert re.search(r"W&B: could not start online \(.+\): logging offline\.", printed), printed
     run_id = state["wandb_run_id"]
@@ -163,7 +168,7 @@ def test_wandb_offline_run_folder_and_the_same_run_after_resume(tmp_path, wandb_
     # resumed (a requeued job): the id comes from the checkpoint's state
     wandb_env.setenv("WANDB_MODE", "offline")
     time.sleep(1.1)  # W&B names run folders by the second
-    state2 = train(tracking.Tracker(args, start_iteration=6, iters_per_epoch=5, images_per_batch=8,
+    state2 = train(make_tracker(args, start_iteration=6, iters_per_epoch=5, images_per_batch=8,
                                     state=state), 12, first=6)
     assert state2 == state
     assert f"W&B: run {run_id} (resumed, offline)" in capsys.readouterr().out
@@ -172,7 +177,7 @@ def test_wandb_offline_run_folder_and_the_same_run_after_resume(tmp_path, wandb_
 
     # a resumed run that does not use W&B keeps the id for a later one that does
     args_none = make_args(out, "--log_freq", 2)
-    assert train(tracking.Tracker(args_none, start_iteration=12, iters_per_epoch=5, images_per_batch=8,
+    assert train(make_tracker(args_none, start_iteration=12, iters_per_epoch=5, images_per_batch=8,
                                   state=state), 14, first=12) == state
 
 
@@ -192,17 +197,6 @@ def test_missing_logger_package_is_one_line(tmp_path, monkeypatch):
         main_dino.train_dino(parse(main_dino, "--data_path", "synthetic", "--logger", "wandb",
                                    "--output_dir", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-
-
-def test_grad_norms_unscale_fp16_gradients():
-    model = torch.nn.Linear(2, 1, bias=False)
-    assert tracking.grad_norms(model) is None  # no gradient yet
-    model.weight.grad = torch.tensor([[3.0, 4.0]])
-    assert tracking.grad_norms(model).tolist() == [5.0]
-
-    class Scaler:
-        _scale = torch.tensor(10.0)
-    assert tracking.grad_norms(model, Scaler()).tolist() == [0.5]
 
 
 # ----------------------------------------------------------------------------------------------------

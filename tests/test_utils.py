@@ -1,4 +1,4 @@
-"""utils.py: flags, distributed set-up, checkpoints, schedules, gradients, models, logging, plots.
+"""utils.py and runtime.py: flags, distributed set-up, checkpoints, schedules, gradients, models, logging, plots.
 
 CPU only; models are small (or small inputs), files live in tmp_path.
 """
@@ -21,6 +21,7 @@ from conftest import PicklePayload, run_cmd
 import official_dino  # the reference beside this file (pytest puts tests/ on sys.path)
 import checkpointing
 import backbones
+import runtime
 import tracking
 import utils
 import vision_transformer as vits
@@ -64,7 +65,7 @@ def test_bool_flag_in_argparse():
     ("gpu[010]", "gpu010"),
 ])
 def test_first_slurm_host(nodelist, expected):
-    assert utils.first_slurm_host(nodelist) == expected
+    assert runtime.first_slurm_host(nodelist) == expected
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ def test_init_distributed_torchrun_single(clean_env):
 
 END_OF_RUN_SCRIPT = """
 import argparse, atexit, os, sys, threading, time
+import runtime
 import utils
 
 def main(args):
@@ -136,14 +138,14 @@ def main(args):
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out")
-parser.add_argument("--dist_url", default="env://")
-utils.run_script(main, parser.parse_args())
+runtime.add_distributed_args(parser)
+runtime.run_script(main, parser.parse_args())
 """
 
 
 def test_run_script_ends_a_two_process_run_as_a_normal_exit_would(tmp_path):
     """run_script leaves a finished multi-process run without the interpreter's finalisation (see
-    utils._leave_without_finalization); what a normal exit does for the user's code must still happen:
+    runtime._leave_without_finalization); what a normal exit does for the user's code must still happen:
     non-daemon threads finish, atexit handlers run, buffered output reaches stdout, exit code 0."""
     script = tmp_path / "end_of_run.py"
     script.write_text(END_OF_RUN_SCRIPT)
@@ -209,7 +211,7 @@ def _disk_full_after(limit):
 
     def fake_open(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        if "w" not in mode:
+        if not any(c in mode for c in "wxa"):  # read-only
             return f
         write, written = f.write, [0]
 
