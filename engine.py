@@ -320,7 +320,7 @@ def epoch_stats(metric_logger: utils.MetricLogger, n_images: int, epoch_time: fl
 class Run:
     """Resume, log.txt, tracker, stop signals and checkpoints around the epochs of a training loop.
 
-        run = Run(output_dir, iters_per_epoch=n, epochs=e, batch_size_per_gpu=b, contents=lambda epochs_done, ranks: {...})
+        run = Run(output_dir, iters_per_epoch=n, epochs=e, batch_size_per_gpu=b, contents=lambda done, ranks: {...})
         restored = run.resume(check=..., run_variables={...}, model=model, optimizer=optimizer)
         with run:
             for epoch in range(run.start_epoch, epochs):

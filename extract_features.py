@@ -286,9 +286,9 @@ def assemble(output_dir: str, dataset: data.LabeledDataset, num_chunks: int, opt
         concatenate(output_dir, "patch_features.npy", "patch_features", num_chunks, len(indices))
         files.append("patch_features.npy")
     checkpointing.atomic_write(os.path.join(output_dir, "paths.txt"),
-                     lambda f: f.writelines(dataset.samples[i][0] + "\n" for i in indices), mode="w")
-    checkpointing.atomic_write(os.path.join(output_dir, "skipped.txt"), lambda f: f.writelines(s + "\n" for s in skipped),
-                     mode="w")
+                               lambda f: f.writelines(dataset.samples[i][0] + "\n" for i in indices), mode="w")
+    checkpointing.atomic_write(os.path.join(output_dir, "skipped.txt"),
+                               lambda f: f.writelines(s + "\n" for s in skipped), mode="w")
     if data.has_labels(dataset):
         labels = np.asarray(dataset.targets, dtype=np.int64)[indices]
         checkpointing.atomic_write(os.path.join(output_dir, "labels.npy"), lambda f: np.save(f, labels))

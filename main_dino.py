@@ -304,7 +304,7 @@ def train_dino(args: argparse.Namespace) -> None:
     evaluate = eval_knn.online_knn_callback(args, teacher_backbone, autocast, "teacher")
     evaluate = health.epoch_callback(args, dataset.base, teacher_backbone, autocast, evaluate)
     step, after_step = dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss,
-                                 run.momentum_schedule, frozen_backbone_iters=args.freeze_backbone_epochs * niter_per_ep)
+                                 run.momentum_schedule, args.freeze_backbone_epochs * niter_per_ep)
     print("Starting DINO training !")
     engine.fit(args, step=step, student=run.student, optimizer=run.optimizer, data_loader=data_loader,
                lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule, precision=run.precision,

@@ -84,7 +84,7 @@ def dist_worker(out_dir: str) -> None:
         backbone, dim = backbones.build_backbone("vit_nano", 16)
         student = utils.MultiCropWrapper(backbone, vits.DINOHead(dim, 256)).to(device)
         student = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if cuda else None)
-        args = argparse.Namespace(optimizer="adamw")
+        args = argparse.Namespace(optimizer="adamw", backbone_lr_scale=1.0)  # main_dino.py's defaults
         optimizer = main_dino.build_optimizer(args, student)
         for group in optimizer.param_groups:
             group["lr"] = 1e-3

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -239,6 +240,41 @@ def test_save_checkpoint_atomic_when_disk_fills_during_real_torch_save(tmp_path,
         monkeypatch.undo()
         assert checkpointing.load_checkpoint(path)["epoch"] == 1  # the previous file is intact in any case
     assert _tmp_leftovers(tmp_path) == []
+
+
+def test_atomic_write_is_the_one_writer_of_text_and_binary_files(tmp_path):
+    """checkpointing.atomic_write, which every file the project writes goes through: text and binary, the
+    permissions a plain open() gives (umask applied), and a failed write leaves the previous file as it was,
+    no temporary behind, and one message that names the file."""
+    path = str(tmp_path / "meta.json")
+    checkpointing.atomic_write(path, lambda f: json.dump({"a": 1}, f), mode="w")
+    checkpointing.atomic_write(str(tmp_path / "x.bin"), lambda f: f.write(b"\x00\x01"))
+    assert json.loads(open(path).read()) == {"a": 1} and open(tmp_path / "x.bin", "rb").read() == b"\x00\x01"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+    def fails(f):
+        f.write("{\"a\": 2, ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(utils.UserError, match=r"could not write file list cache .*meta\.json: .*No space left"):
+        checkpointing.atomic_write(path, fails, mode="w", what="file list cache")
+    assert json.loads(open(path).read()) == {"a": 1}
+    assert _tmp_leftovers(tmp_path) == []
+
+
+def test_remove_stale_temporaries_removes_dead_writers_files_only(tmp_path):
+    """The temporaries of atomic_write (`.NAME.tmpPID.XXXXXXXX`, and the older `.NAME.tmpPID`) of a process that
+    is gone are removed; those of a live process (a write in progress) and other files stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {f".checkpoint.pth.tmp{dead.pid}.0a1b2c3d": False, f".log.txt.tmp{dead.pid}": False,
+             f".features.npy.tmp{os.getppid()}.deadbeef": True, ".hidden": True, "log.txt": True,
+             f"checkpoint.pth.tmp{dead.pid}": True}
+    for name in names:
+        (tmp_path / name).write_text("x")
+    checkpointing.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
 
 
 def test_save_checkpoint_unwritable_folder(tmp_path):
