@@ -40,7 +40,7 @@ def _import_local(name: str, public: bool) -> types.ModuleType:
     its own name when that is free, so that the models' classes pickle as the official ones
     (`vision_transformer.VisionTransformer`); in every other case our file is loaded under a private
     name, so that we neither pick up the caller's module nor shadow it. While it runs, its own imports of
-    the modules loaded before it (`import utils` in checkpointing.py) are pointed at ours.
+    the modules loaded before it (`import runtime` in checkpointing.py) are pointed at ours.
     """
     path = os.path.join(_HERE, name + ".py")
     loaded = sys.modules.get(name)
@@ -70,10 +70,11 @@ def _import_local(name: str, public: bool) -> types.ModuleType:
 
 
 # Ours, loaded in this order (each imports only those before it): name -> the module loaded for it.
-_LOCAL = ("utils", "checkpointing", "vision_transformer", "backbones")
+_LOCAL = ("runtime", "checkpointing", "utils", "vision_transformer", "backbones")
 _ours: dict[str, types.ModuleType] = {}
-utils = _import_local("utils", public=False)
+runtime = _import_local("runtime", public=False)
 checkpointing = _import_local("checkpointing", public=False)
+utils = _import_local("utils", public=False)
 vits = _import_local("vision_transformer", public=True)
 backbones = _import_local("backbones", public=False)
 

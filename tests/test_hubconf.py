@@ -236,13 +236,17 @@ def test_linear_checkpoint_that_does_not_fit_stops_with_a_message(tmp_path, no_n
 # Import
 # ----------------------------------------------------------------------------------------------------
 def test_import_is_light_and_leaves_the_callers_modules_alone(tmp_path):
-    """torch.hub imports hubconf into the caller's process: a `utils` module of the caller's (a common
-    name) must neither be used by us nor be replaced by ours, and torchvision loads only for ResNets."""
+    """torch.hub imports hubconf into the caller's process: `utils` and `runtime` modules of the caller's (common
+    names) must neither be used by us nor be replaced by ours, and torchvision loads only for ResNets."""
     (tmp_path / "utils.py").write_text("CALLERS = True\n")
+    (tmp_path / "runtime.py").write_text("CALLERS = True\n")  # another common name, imported by ours
     code = f"""
 import sys, torch
 import hubconf  # while no `utils` is imported: ours must not take the name
-assert 'utils' not in sys.modules, 'hubconf registered its utils as the caller-visible `utils`'
+for name in ('utils', 'runtime', 'checkpointing', 'backbones'):
+    assert name not in sys.modules, f'hubconf registered its {{name}} as the caller-visible `{{name}}`'
+import runtime
+assert runtime.CALLERS
 assert 'torchvision' not in sys.modules, 'importing hubconf imported torchvision'
 assert hubconf.dependencies == ['torch', 'torchvision']
 entry_points = sorted(f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith('_'))
