@@ -24,7 +24,11 @@ import utils
 import vision_transformer as vits
 from utils import UserError
 
-VIT_ARCHS = ("vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large")
+VIT_ARCHS = ("vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
+# The backbones of Meta's released DINOv2 files (vision_transformer.dinov2_vit): /14 patches whatever --patch_size.
+DINOV2_ARCHS = tuple(f"dinov2_vit{size}14{reg}" for reg in ("", "_reg4") for size in "sblg")
+DINOV2_PATCH_SIZE = 14
+OUR_VITS = ", ".join(VIT_ARCHS) + ", dinov2_vit{s,b,l,g}14[_reg4]"  # for messages
 
 
 DEIT_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small", "deit_base": "vit_base"}
@@ -86,10 +90,14 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
                    **vit_kwargs) -> Tuple[nn.Module, int]:
     """Backbone without classifier, and its feature width, for `--arch`.
 
-    Our ViTs (vit_nano/tiny/small/base/large, and the official deit_* aliases), any torchvision classification
-    model, or any timm model name. Never downloads weights.
+    Our ViTs (vit_nano/tiny/small/base/large/giant2, the official deit_* aliases, and dinov2_vit{s,b,l,g}14[_reg4],
+    the backbones of Meta's DINOv2 files, whose patch size is 14 whatever `patch_size`), any torchvision
+    classification model, or any timm model name. Never downloads weights.
     """
     arch = DEIT_ALIASES.get(arch, arch)
+    if arch in DINOV2_ARCHS:
+        model = getattr(vits, arch)(drop_path_rate=drop_path_rate, **vit_kwargs)
+        return model, model.embed_dim
     if arch in VIT_ARCHS:
         model = getattr(vits, arch)(patch_size=patch_size, drop_path_rate=drop_path_rate, **vit_kwargs)
         return model, model.embed_dim
@@ -111,10 +119,10 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.,
             except TypeError:
                 continue
         return model, model.num_features
-    candidates = list(VIT_ARCHS) + list(DEIT_ALIASES) + tv_archs
+    candidates = list(VIT_ARCHS) + list(DINOV2_ARCHS) + list(DEIT_ALIASES) + tv_archs
     close = difflib.get_close_matches(arch, candidates + timm.list_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown --arch {arch!r}: use one of {', '.join(VIT_ARCHS)}, a torchvision classification "
+    raise UserError(f"unknown --arch {arch!r}: use one of {OUR_VITS}, a torchvision classification "
                     f"model (e.g. resnet50) or a timm model name (timm.list_models()).{hint}")
 
 
@@ -172,13 +180,19 @@ def _larger_size_hint(flag: str, size: int, works: Callable[[int], bool]) -> str
 
 def is_vit(arch: str) -> bool:
     """Our ViTs get the official CLS-token features; anything else (timm ViTs included) gives model(images)."""
-    return DEIT_ALIASES.get(arch, arch) in VIT_ARCHS
+    return DEIT_ALIASES.get(arch, arch) in VIT_ARCHS + DINOV2_ARCHS
+
+
+def patch_size_of(arch: str, patch_size: int) -> int:
+    """The patch size `--arch` builds with: a DINOv2 name's own (14), else `--patch_size`."""
+    return DINOV2_PATCH_SIZE if arch in DINOV2_ARCHS else patch_size
 
 
 def build_eval_model(arch: str, patch_size: int, pretrained_weights: str, checkpoint_key: Optional[str],
                      device: torch.device) -> nn.Module:
     """The frozen backbone to evaluate, in eval mode on `device`."""
     model, _ = build_backbone(arch, patch_size)
+    patch_size = patch_size_of(arch, patch_size)
     checkpointing.load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
     model.eval().requires_grad_(False)
     print(f"Model {arch} {patch_size}x{patch_size} built.")
@@ -240,8 +254,8 @@ def linear_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int, 
         return model(images)
     intermediate_output = model.get_intermediate_layers(images, n_last_blocks)
     parts = [x[:, 0] for x in intermediate_output]
-    if avgpool:
-        parts.append(torch.mean(intermediate_output[-1][:, 1:], dim=1))
+    if avgpool:  # the patch tokens, after the CLS token and any registers
+        parts.append(torch.mean(intermediate_output[-1][:, model.num_prefix_tokens:], dim=1))
     return torch.cat(parts, dim=-1)
 
 

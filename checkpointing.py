@@ -256,6 +256,42 @@ def local_weights_path(path_or_url: str) -> str:
     return path
 
 
+def dinov2_arch_of(state_dict: Dict[str, Any]) -> Optional[str]:
+    """The --arch of a Meta DINOv2 backbone state_dict (LayerScale, /14 patches), e.g. `dinov2_vits14_reg4`;
+    None for anything else."""
+    patch = state_dict.get("patch_embed.proj.weight")
+    if patch is None or patch.shape[-1] != 14 or "blocks.0.ls1.gamma" not in state_dict:
+        return None
+    size = {384: "s", 768: "b", 1024: "l", 1536: "g"}.get(patch.shape[0])
+    registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    return f"dinov2_vit{size}14" + (f"_reg{registers}" if registers else "") if size else None
+
+
+def vit_structure_mismatch(state_dict: Dict[str, Any], model_state: Dict[str, Any]) -> Optional[str]:
+    """What a ViT state_dict and our ViT model differ in, in words (register tokens, LayerScale, the feed-forward,
+    the patch size), with the --arch that fits a DINOv2 file; None when they agree on all four, when only the
+    patch size of a file that is no DINOv2 file differs (the shape listing of the caller says it), or when either
+    is no ViT of ours (no `blocks.0.norm1` and `patch_embed.proj` keys)."""
+    keys = ("patch_embed.proj.weight", "blocks.0.norm1.weight")
+    if not all(k in state_dict and k in model_state for k in keys):
+        return None
+
+    def parts(sd: Dict[str, Any]) -> Dict[str, Any]:
+        return {"register tokens": sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+                "LayerScale": "yes" if "blocks.0.ls1.gamma" in sd else "no",
+                "feed-forward": "SwiGLU (ViT-g)" if "blocks.0.mlp.w12.weight" in sd else "MLP",
+                "patch size": sd["patch_embed.proj.weight"].shape[-1]}
+    file, model = parts(state_dict), parts(model_state)
+    differences = [f"{what}: {file[what]} in the file, {model[what]} in the model" for what in file
+                   if file[what] != model[what]]
+    arch = dinov2_arch_of(state_dict)
+    if not differences or (len(differences) == 1 and file["patch size"] != model["patch size"] and not arch):
+        return None  # a patch size alone: the shape listing says it (patch_embed.proj.weight)
+    advice = (f"it is Meta's DINOv2 {arch}: use --arch {arch}" if arch else
+              "use the --arch and --patch_size of the run that wrote it")
+    return f"{'; '.join(differences)}. {advice[0].upper()}{advice[1:]}"
+
+
 def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str] = "teacher",
                             model_name: Optional[str] = None, patch_size: Optional[int] = None,
                             may_miss: Iterable[str] = ()) -> None:
@@ -282,6 +318,9 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
     model_state = model.state_dict()
     if type(model).__module__.startswith("timm.") and any(k not in model_state for k in state_dict):
         state_dict = _timm_convert(state_dict, model)
+    structure = vit_structure_mismatch(state_dict, model_state)  # registers, LayerScale, SwiGLU, patch size
+    if structure:
+        raise UserError(f"{path} does not fit {model_name or type(model).__name__}: {structure}")
     # Weights of other modules saved beside the backbone (the DINO projection head, iBOT heads, the CLS
     # projection of main_distill.py, classifiers replaced by Identity, the iBOT mask token) are not part of
     # the backbone; keys under the model's own top-level names that it lacks are real mismatches.

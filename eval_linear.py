@@ -399,7 +399,8 @@ class BestHead:
             lr, avgpool = configs[shown]
             self.acc = test_stats[shown]["acc1"]
             self.head = {"index": shown, "name": names[shown], "lr": lr, "avgpool": avgpool,
-                         "n_last_blocks": args.n_last_blocks, "arch": args.arch, "patch_size": args.patch_size,
+                         "n_last_blocks": args.n_last_blocks, "arch": args.arch,
+                         "patch_size": backbones.patch_size_of(args.arch, args.patch_size),
                          "epoch": epoch, "acc1": self.acc, "loss": test_stats[shown]["loss"]}
             self.state_dict = backbones.official_state_dict(heads.heads[shown])
         return shown

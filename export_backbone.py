@@ -22,8 +22,8 @@ import utils
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a backbone", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="A checkpoint of main_dino.py or main_distill.py (or any file that "
-                        "eval_knn.py reads).")
+    parser.add_argument("checkpoint", help="A checkpoint of main_dino.py or main_distill.py, or a backbone file "
+                        "such as Meta's DINOv2 files (any file that eval_knn.py reads).")
     parser.add_argument("output", help="Where to write the backbone-only weights (.pth).")
     # --arch and --patch_size (default: the checkpoint's), --checkpoint_key (teacher of main_dino.py, student of
     # main_distill.py); the weights are the positional `checkpoint`
@@ -49,13 +49,19 @@ def export_backbone(args: argparse.Namespace) -> None:
     checkpoint = checkpointing.load_checkpoint(args.checkpoint)
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    arch = args.arch or saved.get("arch")
-    patch_size = args.patch_size or saved.get("patch_size") or 16
+    state_dict = backbone_state_dict(checkpoint, args.checkpoint_key, args.checkpoint)
+    arch = args.arch or saved.get("arch") or checkpointing.dinov2_arch_of(state_dict)
     if not arch:
         raise utils.UserError(f"{args.checkpoint} does not record its architecture: give --arch (and "
                               "--patch_size for our ViTs)")
-    state_dict = backbone_state_dict(checkpoint, args.checkpoint_key, args.checkpoint)
+    if not (args.arch or saved.get("arch")):
+        print(f"{args.checkpoint} is Meta's DINOv2 {arch} (from its weights): exporting it as --arch {arch}")
+    patch_size = backbones.patch_size_of(arch, args.patch_size or saved.get("patch_size") or 16)
     model, dim = backbones.build_backbone(arch, patch_size)
+    structure = checkpointing.vit_structure_mismatch(state_dict, model.state_dict())
+    if structure:
+        raise utils.UserError(f"the '{args.checkpoint_key}' weights of {args.checkpoint} are not a {arch} backbone: "
+                              f"{structure}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -69,7 +75,8 @@ def export_backbone(args: argparse.Namespace) -> None:
     print(f"Wrote {args.output}: the {arch}" + (f"/{patch_size}" if backbones.is_vit(arch) else "") +
           f" backbone ({len(state_dict)} tensors, {n_params / 1e6:.1f}M values, {dim}-d features) of the "
           f"'{args.checkpoint_key}' network of {args.checkpoint}.")
-    print(f"Use it with: eval_knn.py --arch {arch} --patch_size {patch_size} --pretrained_weights {args.output}")
+    patch_flag = "" if arch in backbones.DINOV2_ARCHS or not backbones.is_vit(arch) else f" --patch_size {patch_size}"
+    print(f"Use it with: eval_knn.py --arch {arch}{patch_flag} --pretrained_weights {args.output}")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,8 @@ def feature_forward(model: nn.Module, patch_tokens: bool) -> Callable[[torch.Ten
         return model
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        tokens = model.forward_features(images)  # normalised [B, 1 + patches, D]: model(images) is tokens[:, 0]
-        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+        tokens = model.forward_features(images)  # normalised [B, prefix + patches, D]: model(images) is tokens[:, 0]
+        return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(dim=1)], dim=1)
     return forward
 
 
@@ -131,8 +131,9 @@ def extraction_options(args: argparse.Namespace, dataset: data.LabeledDataset) -
     else:  # random weights (from --seed), or a URL that checkpointing downloads
         weights_id = weights or f"random initialisation, seed {args.seed}"
     return {"data_path": args.data_path, "data_layout": args.data_layout, "num_images": len(dataset),
-            "paths_sha256": paths_digest(dataset), "arch": args.arch, "patch_size": args.patch_size,
-            "pretrained_weights": weights, "weights": weights_id, "checkpoint_key": args.checkpoint_key,
+            "paths_sha256": paths_digest(dataset), "arch": args.arch,
+            "patch_size": backbones.patch_size_of(args.arch, args.patch_size), "pretrained_weights": weights,
+            "weights": weights_id, "checkpoint_key": args.checkpoint_key,
             "resize_size": args.resize_size, "crop_size": args.crop_size, "normalize": args.normalize,
             "dtype": args.dtype, "patch_tokens": args.patch_tokens, "chunk_size": args.chunk_size}
 
@@ -314,7 +315,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.chunk_size < 1 or args.batch_size_per_gpu < 1:
         raise UserError("--chunk_size and --batch_size_per_gpu must be at least 1")
     if args.patch_tokens and not backbones.is_vit(args.arch):
-        raise UserError(f"--patch_tokens true needs one of our ViTs ({', '.join(backbones.VIT_ARCHS)}); --arch "
+        raise UserError(f"--patch_tokens true needs one of our ViTs ({backbones.OUR_VITS}); --arch "
                         f"{args.arch} has no patch tokens to average (its global feature is in features.npy)")
 
 

@@ -7,7 +7,9 @@
 
 Backbones `dino_vits16`, `dino_vits8`, `dino_vitb16`, `dino_vitb8` (our ViTs, official state_dict keys)
 and `dino_resnet50` (torchvision, `fc` = Identity); the projection head `dino_head`; linear classifiers
-`dino_vits16_lc`, ... `dino_resnet50_lc` (backbone + the official eval_linear.py classifier, logits).
+`dino_vits16_lc`, ... `dino_resnet50_lc` (backbone + the official eval_linear.py classifier, logits); and
+DINOv2's backbones under Meta's hub names, `dinov2_vits14`, ..., `dinov2_vitg14_reg` (our ViT built as DINOv2
+builds it: Meta's files load as they are).
 
 Every entry point takes `pretrained=True, weights=None, **kwargs`. Nothing is downloaded implicitly:
 - `weights` a local file: loaded (our main_dino.py checkpoints, official full or backbone-only files;
@@ -172,6 +174,71 @@ def dino_resnet50(pretrained: bool = True, weights: str | None = None, checkpoin
     model.fc = nn.Identity()
     _load_backbone(model, weights, checkpoint_key, "resnet50")
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# DINOv2 backbones (Meta's hub names and files)
+# ----------------------------------------------------------------------------------------------------
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+
+
+def _dinov2(name: str, pretrained: bool, weights: str | None, checkpoint_key: str, **kwargs) -> nn.Module:
+    """`name` is Meta's hub name (dinov2_vits14, ..., dinov2_vitg14_reg); the backbone is our ViT built as DINOv2
+    builds it (vision_transformer.dinov2_vit), so that Meta's file loads as it is."""
+    arch = name.replace("_reg", "_reg4")
+    base = name.replace("_reg", "")
+    _require_weights(name, pretrained, weights=(weights, f"{DINOV2_URL}{base}/{arch}_pretrain.pth"))
+    model = getattr(vits, arch)(**kwargs)
+    _load_backbone(model, weights, checkpoint_key, arch, 14)
+    return model
+
+
+def dinov2_vits14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                  **kwargs) -> nn.Module:
+    """DINOv2 ViT-S/14 (Meta's dinov2_vits14_pretrain.pth loads as it is). Arguments as dino_vits16."""
+    return _dinov2("dinov2_vits14", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vitb14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                  **kwargs) -> nn.Module:
+    """DINOv2 ViT-B/14. Arguments as dino_vits16."""
+    return _dinov2("dinov2_vitb14", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vitl14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                  **kwargs) -> nn.Module:
+    """DINOv2 ViT-L/14. Arguments as dino_vits16."""
+    return _dinov2("dinov2_vitl14", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vitg14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                  **kwargs) -> nn.Module:
+    """DINOv2 ViT-g/14 (SwiGLU feed-forward). Arguments as dino_vits16."""
+    return _dinov2("dinov2_vitg14", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vits14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                      **kwargs) -> nn.Module:
+    """DINOv2 ViT-S/14 with 4 registers (Meta's dinov2_vits14_reg4_pretrain.pth). Arguments as dino_vits16."""
+    return _dinov2("dinov2_vits14_reg", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vitb14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                      **kwargs) -> nn.Module:
+    """DINOv2 ViT-B/14 with 4 registers. Arguments as dino_vits16."""
+    return _dinov2("dinov2_vitb14_reg", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vitl14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                      **kwargs) -> nn.Module:
+    """DINOv2 ViT-L/14 with 4 registers. Arguments as dino_vits16."""
+    return _dinov2("dinov2_vitl14_reg", pretrained, weights, checkpoint_key, **kwargs)
+
+
+def dinov2_vitg14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+                      **kwargs) -> nn.Module:
+    """DINOv2 ViT-g/14 with 4 registers. Arguments as dino_vits16."""
+    return _dinov2("dinov2_vitg14_reg", pretrained, weights, checkpoint_key, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------

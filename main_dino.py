@@ -164,9 +164,11 @@ def check_args(args: argparse.Namespace) -> None:
     tracking.check_args(args)
     health.check_args(args)
     if backbones.is_vit(args.arch):
+        patch_size = backbones.patch_size_of(args.arch, args.patch_size)
+        what = f"--patch_size {patch_size}" if patch_size == args.patch_size else f"the patch size of {args.arch}, 14"
         for name in ("global_crops_size", "local_crops_size"):
-            require(getattr(args, name) % args.patch_size == 0,
-                    f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
+            require(getattr(args, name) % patch_size == 0,
+                    f"--{name} {getattr(args, name)} is not a multiple of {what}")
 
 
 def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMaskSampler] = None):

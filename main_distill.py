@@ -85,8 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     main_dino.check_args(args)
     if not backbones.is_vit(args.arch):
-        raise utils.UserError(f"--arch {args.arch}: the student must be one of our ViTs ({', '.join(backbones.VIT_ARCHS)}), "
-                              "which take the iBOT mask token")
+        raise utils.UserError(f"--arch {args.arch}: the student must be one of our ViTs ({backbones.OUR_VITS}), "
+                              "whose patches the iBOT loss masks; timm models (DINOv3's among them) take no mask: "
+                              "they can be the teacher (docs/distillation.md)")
     for name in ("dino", "ibot", "koleo", "cls", "spd", "gram"):
         if getattr(args, f"{name}_loss_weight") < 0:
             raise utils.UserError(f"--{name}_loss_weight must not be negative")
@@ -252,7 +253,8 @@ def compile_forward_features(*models: nn.Module) -> None:
 def train_distill(args: argparse.Namespace) -> None:
     check_args(args)
     try:
-        mask_sampler = masking.BlockMaskSampler(args.global_crops_size, args.patch_size, args.mask_patch_size,
+        patch_size = backbones.patch_size_of(args.arch, args.patch_size)
+        mask_sampler = masking.BlockMaskSampler(args.global_crops_size, patch_size, args.mask_patch_size,
                                                 mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
     except ValueError as e:  # a flag out of range: the message names it
         raise utils.UserError(str(e)) from None

@@ -11,10 +11,17 @@ Differences from the official file, none of which changes a state_dict key or an
   (`weight_g`, `weight_v`) instead of the deprecated `torch.nn.utils.weight_norm` hook;
 - an optional learnable `mask_token` (iBOT-style masked image modelling) exists only when asked for;
 - optional activation checkpointing (`set_grad_checkpointing()`, as in timm).
+
+What DINOv2's ViT adds, off by default (then keys and outputs are the official DINO ones): register tokens
+(`num_register_tokens`), LayerScale (`init_values`, keys `ls1.gamma`/`ls2.gamma`), a SwiGLU feed-forward
+(`ffn_layer="swiglu"`, ViT-g), and DINOv2's position-embedding interpolation options (`interpolate_antialias`,
+`interpolate_offset`). `dinov2_vits14`, ..., `dinov2_vitg14_reg4` build the backbones of Meta's released DINOv2
+files, which load into them with strict=True and give DINOv2's features; `forward_tokens` returns DINOv2's
+`forward_features` dict (normalised CLS, registers and patch tokens by name).
 """
 import math
 from functools import partial
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -62,6 +69,33 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+class SwiGLUFFN(nn.Module):
+    """DINOv2's SwiGLU feed-forward (its ViT-g/14): w12 -> silu(x1) * x2 -> w3, the hidden width 2/3 of the
+    MLP's rounded up to a multiple of 8 (DINOv2's `SwiGLUFFNFused`), keys `w12` and `w3`."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=None, drop=0.):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = (int((hidden_features or in_features) * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(in_features, 2 * hidden_features)
+        self.w3 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT; DINOv2's `ls1`/`ls2`, parameter `gamma`)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.):
         super().__init__()
@@ -97,21 +131,26 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop=0., attn_drop=0.,
-                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm, init_values: Optional[float] = None,
+                 ffn_layer: str = "mlp"):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                               attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        ffn = {"mlp": Mlp, "swiglu": SwiGLUFFN}[ffn_layer]
+        self.mlp = ffn(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        # LayerScale only when asked for: no `ls1`/`ls2` keys in the official DINO models
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
         y, attn = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
             return attn
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
 
 
@@ -136,12 +175,16 @@ class VisionTransformer(nn.Module):
     `forward(x)` returns the normalised CLS token. Inputs of any size work: position embeddings are
     interpolated (bicubic) from the grid they were trained at. `masked_im_modeling=True` adds a
     learnable `mask_token` and lets `forward`/`prepare_tokens` take a boolean `masks` tensor
-    [B, H/p, W/p] whose True patches are replaced by it before position embeddings are added.
+    [B, H/p, W/p] (or [B, num_patches]) whose True patches are replaced by it before position embeddings are
+    added. Tokens are ordered [CLS, registers, patches]; `num_prefix_tokens` (timm's name) counts CLS and
+    registers. DINOv2's options (module docstring) are off by default.
     """
 
     def __init__(self, img_size=[224], patch_size=16, in_chans=3, num_classes=0, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop_rate=0., attn_drop_rate=0.,
-                 drop_path_rate=0., norm_layer=nn.LayerNorm, masked_im_modeling: bool = False, **kwargs):
+                 drop_path_rate=0., norm_layer=nn.LayerNorm, masked_im_modeling: bool = False,
+                 num_register_tokens: int = 0, init_values: Optional[float] = None, ffn_layer: str = "mlp",
+                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1, **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"VisionTransformer got unexpected keyword arguments: {sorted(kwargs)}")
@@ -151,15 +194,20 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
+        self.num_register_tokens, self.num_prefix_tokens = num_register_tokens, 1 + num_register_tokens
+        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        if num_register_tokens:  # no key in the official models
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay rule
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                  init_values=init_values, ffn_layer=ffn_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
 
@@ -168,6 +216,8 @@ class VisionTransformer(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         nn.init.trunc_normal_(self.cls_token, std=.02)
+        if num_register_tokens:
+            nn.init.normal_(self.register_tokens, std=1e-6)  # DINOv2's
         self.apply(self._init_weights)
         if masked_im_modeling:
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
@@ -198,16 +248,17 @@ class VisionTransformer(nn.Module):
         dim = x.shape[-1]
         w0 = w // self.patch_embed.patch_size
         h0 = h // self.patch_embed.patch_size
-        # The official code passes a scale factor with +0.1 (to dodge a floating point floor in the output
-        # size); the scale factor also sets the sampling grid, so we keep it to reproduce its outputs.
-        w0, h0 = w0 + 0.1, h0 + 0.1
         side = int(math.sqrt(N))
-        patch_pos_embed = F.interpolate(
-            patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
-            scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
-            mode='bicubic',
-        )
-        assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+        if self.interpolate_offset:
+            # The official code (and DINOv2 by default) pass a scale factor with an offset of 0.1 (to dodge a
+            # floating point floor in the output size); the scale factor also sets the sampling grid, so it
+            # stays, to reproduce their outputs. DINOv2's register models give the output size instead.
+            sizes = {"scale_factor": ((w0 + self.interpolate_offset) / side, (h0 + self.interpolate_offset) / side)}
+        else:
+            sizes = {"size": (w0, h0)}
+        patch_pos_embed = F.interpolate(patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+                                        mode='bicubic', antialias=self.interpolate_antialias, **sizes)
+        assert (w0, h0) == tuple(patch_pos_embed.shape[-2:])
         patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed.to(class_pos_embed.dtype)), dim=1)
 
@@ -221,30 +272,42 @@ class VisionTransformer(nn.Module):
         cls_tokens = self.cls_token.expand(B, -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
         x = x + self.interpolate_pos_encoding(x, w, h)
+        if self.num_register_tokens:  # after the position embedding, which they have none of (DINOv2's order)
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """All normalised tokens [B, 1 + num_patches, D] (CLS first)."""
-        x = self.prepare_tokens(x, masks)
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        return self.norm(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All normalised tokens [B, num_prefix_tokens + num_patches, D]: CLS, registers, patches."""
+        return self.norm(self._blocks(self.prepare_tokens(x, masks)))
+
+    def forward_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The tokens by name, as DINOv2's `forward_features` returns them: `x_norm_clstoken` [B, D],
+        `x_norm_regtokens` [B, R, D], `x_norm_patchtokens` [B, N, D], `x_prenorm` and `masks`."""
+        x_prenorm = self._blocks(self.prepare_tokens(x, masks))
+        x_norm = self.norm(x_prenorm)
+        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1:self.num_prefix_tokens],
+                "x_norm_patchtokens": x_norm[:, self.num_prefix_tokens:], "x_prenorm": x_prenorm, "masks": masks}
 
     def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_features(x, masks)[:, 0]
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention weights of the last block: [B, heads, N, N]."""
+        """Attention weights of the last block: [B, heads, N, N] over CLS, registers and patches."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1](x, return_attention=True)
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
-        """Normalised tokens of the last `n` blocks."""
+        """Normalised tokens (CLS, registers, patches) of the last `n` blocks."""
         x = self.prepare_tokens(x)
         output = []
         for i, blk in enumerate(self.blocks):
@@ -280,6 +343,55 @@ def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
 
 def vit_large(patch_size: int = 16, **kwargs) -> VisionTransformer:
     return _vit(patch_size, 1024, 24, 16, **kwargs)
+
+
+def vit_giant2(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """DINOv2's ViT-g: embed_dim 1536 and 24 heads (head dimension 64)."""
+    return _vit(patch_size, 1536, 40, 24, **kwargs)
+
+
+def dinov2_vit(arch: str = "vit_small", num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
+    """The backbone of Meta's released DINOv2 files, built as DINOv2's `hub/backbones.py` builds it: /14
+    patches, a 518 px position grid, LayerScale (init 1.0), SwiGLU for ViT-g; with registers, antialiased
+    interpolation without offset. `kwargs` override (e.g. `masked_im_modeling`, `drop_path_rate`)."""
+    options = dict(patch_size=14, img_size=518, init_values=1.0, num_register_tokens=num_register_tokens)
+    if num_register_tokens:
+        options.update(interpolate_antialias=True, interpolate_offset=0.0)
+    if arch == "vit_giant2":
+        options["ffn_layer"] = "swiglu"
+    return globals()[arch](**{**options, **kwargs})
+
+
+def dinov2_vits14(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_small", **kwargs)
+
+
+def dinov2_vitb14(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_base", **kwargs)
+
+
+def dinov2_vitl14(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_large", **kwargs)
+
+
+def dinov2_vitg14(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_giant2", **kwargs)
+
+
+def dinov2_vits14_reg4(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_small", 4, **kwargs)
+
+
+def dinov2_vitb14_reg4(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_base", 4, **kwargs)
+
+
+def dinov2_vitl14_reg4(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_large", 4, **kwargs)
+
+
+def dinov2_vitg14_reg4(**kwargs) -> VisionTransformer:
+    return dinov2_vit("vit_giant2", 4, **kwargs)
 
 
 class WeightNormLinear(nn.Module):

@@ -99,8 +99,8 @@ def cls_attention(model: nn.Module, img: torch.Tensor) -> torch.Tensor:
     """Attention of the last block's CLS query to every patch: [heads, number of patches]."""
     attentions = model.get_last_selfattention(img)
     nh = attentions.shape[1]  # number of heads
-    # we keep only the output patch attention
-    return attentions[0, :, 0, 1:].reshape(nh, -1).float()
+    # we keep only the output patch attention (not the CLS token's, nor the registers')
+    return attentions[0, :, 0, model.num_prefix_tokens:].reshape(nh, -1).float()
 
 
 def threshold_masks(attentions: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -160,7 +160,7 @@ def save_mask_overlay(image: np.ndarray, mask: np.ndarray, fname: str,
 def check_args(args: argparse.Namespace) -> None:
     if not backbones.is_vit(args.arch):
         raise utils.UserError(f"--arch {args.arch} has no self-attention maps to show: use one of "
-                              f"{', '.join(backbones.VIT_ARCHS)} (or a deit_* alias)")
+                              f"{backbones.OUR_VITS} (or a deit_* alias)")
     if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
         raise utils.UserError(f"--image_size takes one (short side) or two (height width) positive values, "
                               f"not {' '.join(map(str, args.image_size))}")
@@ -174,17 +174,18 @@ def attention_maps(args: argparse.Namespace) -> Tuple[torch.Tensor, np.ndarray, 
     --threshold, the masks [heads, H, W] (1 where kept)."""
     check_args(args)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    img = preprocess(load_image(args.image_path), args.image_size, args.patch_size)  # a bad image fails fast
+    patch_size = backbones.patch_size_of(args.arch, args.patch_size)
+    img = preprocess(load_image(args.image_path), args.image_size, patch_size)  # a bad image fails fast
     model = backbones.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
                                       device)
 
-    w_featmap = img.shape[-2] // args.patch_size
-    h_featmap = img.shape[-1] // args.patch_size
+    w_featmap = img.shape[-2] // patch_size
+    h_featmap = img.shape[-1] // patch_size
     attentions = cls_attention(model, img.to(device))
     th_attn = None
     if args.threshold is not None:
-        th_attn = upsample(threshold_masks(attentions, args.threshold), w_featmap, h_featmap, args.patch_size)
-    return img, upsample(attentions, w_featmap, h_featmap, args.patch_size), th_attn
+        th_attn = upsample(threshold_masks(attentions, args.threshold), w_featmap, h_featmap, patch_size)
+    return img, upsample(attentions, w_featmap, h_featmap, patch_size), th_attn
 
 
 def visualize_attention(args: argparse.Namespace) -> List[str]:
@@ -192,7 +193,7 @@ def visualize_attention(args: argparse.Namespace) -> List[str]:
     check_args(args)
     runtime.check_output_dir(args.output_dir)  # before the work, not after
     img, attentions, th_attn = attention_maps(args)
-    nh = attentions.shape[0]
+    nh, patch_size = attentions.shape[0], backbones.patch_size_of(args.arch, args.patch_size)
 
     # save attentions heatmaps
     import matplotlib.image  # imsave without pyplot: same file as plt.imsave, no GUI backend needed
@@ -210,7 +211,7 @@ def visualize_attention(args: argparse.Namespace) -> List[str]:
             paths.append(fname)
 
     print(f"Attention of the last block's CLS token, {nh} heads, on the {img.shape[-2]}x{img.shape[-1]} image "
-          f"({img.shape[-2] // args.patch_size}x{img.shape[-1] // args.patch_size} patches). Saved:")
+          f"({img.shape[-2] // patch_size}x{img.shape[-1] // patch_size} patches). Saved:")
     for p in paths:
         print(f"  {p}")
     return paths

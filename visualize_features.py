@@ -137,8 +137,10 @@ def feature_map(model: nn.Module, images: torch.Tensor, arch: str, patch_size: i
     last block; timm models: forward_features (prefix tokens dropped); torchvision convnets: the feature map
     before global pooling."""
     B, _, H, W = images.shape
-    if backbones.is_vit(arch):
-        return model.forward_features(images)[:, 1:].reshape(B, H // patch_size, W // patch_size, -1)
+    if backbones.is_vit(arch):  # the patch tokens, after the CLS token and any registers
+        patch_size = model.patch_embed.patch_size
+        tokens = model.forward_features(images)[:, model.num_prefix_tokens:]
+        return tokens.reshape(B, H // patch_size, W // patch_size, -1)
     if type(model).__module__.startswith("timm."):
         out = model.forward_features(images)
         if out.ndim == 3:  # a ViT: [B, prefix + h * w, D]
@@ -152,7 +154,7 @@ def feature_map(model: nn.Module, images: torch.Tensor, arch: str, patch_size: i
     if isinstance(getattr(model, "features", None), nn.Module):  # VGG, DenseNet, MobileNet, EfficientNet...
         return model.features(images).permute(0, 2, 3, 1)
     raise UserError(f"--arch {arch}: cannot find the last feature map of this model; use one of our ViTs "
-                    f"({', '.join(backbones.VIT_ARCHS)}), a timm model or a torchvision ResNet")
+                    f"({backbones.OUR_VITS}), a timm model or a torchvision ResNet")
 
 
 def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:

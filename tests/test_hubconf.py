@@ -15,8 +15,10 @@ import torch.nn as nn
 import official_dino as ref  # the reference beside this file (pytest puts tests/ on sys.path)
 from conftest import REPO_ROOT, official_vit_keys, perturbed_state
 
+DINOV2_ENTRY_POINTS = [f"dinov2_vit{size}14{reg}" for reg in ("", "_reg") for size in "sblg"]
 ENTRY_POINTS = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50", "dino_head",
-                "dino_vits16_lc", "dino_vits8_lc", "dino_vitb16_lc", "dino_vitb8_lc", "dino_resnet50_lc"]
+                "dino_vits16_lc", "dino_vits8_lc", "dino_vitb16_lc", "dino_vitb8_lc", "dino_resnet50_lc"
+                ] + DINOV2_ENTRY_POINTS
 OFFICIAL = "https://dl.fbaipublicfiles.com/dino/"
 
 
@@ -115,6 +117,10 @@ def test_pretrained_without_weights_shows_the_official_url_and_downloads_nothing
     message = str(e.value)
     assert type(e.value).__name__ == "UserError"
     assert "never downloads implicitly" in message and f"'{name}'" in message
+    if name.startswith("dinov2_"):  # Meta's URL: dinov2_vits14/dinov2_vits14_reg4_pretrain.pth
+        base, registers = name.replace("_reg", ""), "_reg4" if name.endswith("_reg") else ""
+        assert f"weights='https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{registers}_pretrain.pth'" in message
+        return
     base = name[:-3] if name.endswith("_lc") else name
     official = {"dino_vits16": "dino_deitsmall16", "dino_vits8": "dino_deitsmall8", "dino_vitb16": "dino_vitbase16",
                 "dino_vitb8": "dino_vitbase8", "dino_resnet50": "dino_resnet50", "dino_head": "dino_deitsmall16"}[base]
