@@ -193,52 +193,25 @@ def _dinov2(name: str, pretrained: bool, weights: str | None, checkpoint_key: st
     return model
 
 
-def dinov2_vits14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                  **kwargs) -> nn.Module:
-    """DINOv2 ViT-S/14 (Meta's dinov2_vits14_pretrain.pth loads as it is). Arguments as dino_vits16."""
-    return _dinov2("dinov2_vits14", pretrained, weights, checkpoint_key, **kwargs)
+def _dinov2_entry(name: str, what: str):
+    """The entry point `name` (Meta's hub name) of the DINOv2 backbone `what`."""
+    def entry(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
+              **kwargs) -> nn.Module:
+        return _dinov2(name, pretrained, weights, checkpoint_key, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = (f"DINOv2 {what} (Meta's {name.replace('_reg', '_reg4')}_pretrain.pth loads as it is). "
+                     "Arguments as dino_vits16.")
+    return entry
 
 
-def dinov2_vitb14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                  **kwargs) -> nn.Module:
-    """DINOv2 ViT-B/14. Arguments as dino_vits16."""
-    return _dinov2("dinov2_vitb14", pretrained, weights, checkpoint_key, **kwargs)
-
-
-def dinov2_vitl14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                  **kwargs) -> nn.Module:
-    """DINOv2 ViT-L/14. Arguments as dino_vits16."""
-    return _dinov2("dinov2_vitl14", pretrained, weights, checkpoint_key, **kwargs)
-
-
-def dinov2_vitg14(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                  **kwargs) -> nn.Module:
-    """DINOv2 ViT-g/14 (SwiGLU feed-forward). Arguments as dino_vits16."""
-    return _dinov2("dinov2_vitg14", pretrained, weights, checkpoint_key, **kwargs)
-
-
-def dinov2_vits14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                      **kwargs) -> nn.Module:
-    """DINOv2 ViT-S/14 with 4 registers (Meta's dinov2_vits14_reg4_pretrain.pth). Arguments as dino_vits16."""
-    return _dinov2("dinov2_vits14_reg", pretrained, weights, checkpoint_key, **kwargs)
-
-
-def dinov2_vitb14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                      **kwargs) -> nn.Module:
-    """DINOv2 ViT-B/14 with 4 registers. Arguments as dino_vits16."""
-    return _dinov2("dinov2_vitb14_reg", pretrained, weights, checkpoint_key, **kwargs)
-
-
-def dinov2_vitl14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                      **kwargs) -> nn.Module:
-    """DINOv2 ViT-L/14 with 4 registers. Arguments as dino_vits16."""
-    return _dinov2("dinov2_vitl14_reg", pretrained, weights, checkpoint_key, **kwargs)
-
-
-def dinov2_vitg14_reg(pretrained: bool = True, weights: str | None = None, checkpoint_key: str = "teacher",
-                      **kwargs) -> nn.Module:
-    """DINOv2 ViT-g/14 with 4 registers. Arguments as dino_vits16."""
-    return _dinov2("dinov2_vitg14_reg", pretrained, weights, checkpoint_key, **kwargs)
+dinov2_vits14 = _dinov2_entry("dinov2_vits14", "ViT-S/14")
+dinov2_vitb14 = _dinov2_entry("dinov2_vitb14", "ViT-B/14")
+dinov2_vitl14 = _dinov2_entry("dinov2_vitl14", "ViT-L/14")
+dinov2_vitg14 = _dinov2_entry("dinov2_vitg14", "ViT-g/14 (SwiGLU feed-forward)")
+dinov2_vits14_reg = _dinov2_entry("dinov2_vits14_reg", "ViT-S/14 with 4 registers")
+dinov2_vitb14_reg = _dinov2_entry("dinov2_vitb14_reg", "ViT-B/14 with 4 registers")
+dinov2_vitl14_reg = _dinov2_entry("dinov2_vitl14_reg", "ViT-L/14 with 4 registers")
+dinov2_vitg14_reg = _dinov2_entry("dinov2_vitg14_reg", "ViT-g/14 (SwiGLU feed-forward) with 4 registers")
 
 
 # ----------------------------------------------------------------------------------------------------
