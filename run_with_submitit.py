@@ -130,6 +130,7 @@ class Trainer:
         try:
             result = main(args)
             runtime.barrier()  # every task reaches the end before any leaves, as in runtime.run_script
+            runtime.leave_without_finalization_at_exit()
             return result
         except utils.UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

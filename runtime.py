@@ -458,6 +458,19 @@ def _leave_without_finalization(code: int) -> None:
     os._exit(code)
 
 
+def leave_without_finalization_at_exit() -> None:
+    """For a finished multi-process run whose process another framework ends (submitit writes the result after
+    the script returns): at interpreter exit, leave as `run_script` does, without finalisation, where a gloo
+    thread can abort or hang a finished job (docs/reliability.md). Exit code 0: call it on success only."""
+    if not is_dist_avail_and_initialized():
+        return
+
+    def leave() -> None:
+        atexit.unregister(leave)
+        _leave_without_finalization(0)  # runs the other atexit handlers first
+    atexit.register(leave)
+
+
 def _exit(code: int) -> None:
     """Leave after an error: in a multi-process run at once, since the other ranks may be gone or inside a
     collective, where tearing the process group down can hang or abort."""
