@@ -441,10 +441,10 @@ def run_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespa
         sys.stdout.flush()
         sys.stderr.flush()
         dist.barrier()
-        _leave_without_finalization(0)
+        leave_without_finalization(0)
 
 
-def _leave_without_finalization(code: int) -> None:
+def leave_without_finalization(code: int) -> None:
     """The end of a finished multi-process run: what a normal exit does for Python (non-daemon threads joined,
     atexit handlers, stdio flushed), then the process ends without the interpreter's finalisation, in which a
     communication thread that asks for the GIL aborts the process (docs/reliability.md). Every collective is
@@ -467,7 +467,7 @@ def leave_without_finalization_at_exit() -> None:
 
     def leave() -> None:
         atexit.unregister(leave)
-        _leave_without_finalization(0)  # runs the other atexit handlers first
+        leave_without_finalization(0)  # runs the other atexit handlers first
     atexit.register(leave)
 
 

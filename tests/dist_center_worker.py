@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import runtime  # noqa: E402
 from losses import DINOLoss  # noqa: E402
 
 OUT_DIM, NCROPS, BATCH = 32, 4, 6  # global batch of 6 images, 3 per rank
@@ -38,7 +39,8 @@ def main():
     loss.backward()
     torch.save({"losses": torch.stack(losses), "center": loss_fn.center.clone(), "grad": s.grad},
                os.path.join(os.environ["OUT_DIR"], f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    runtime.barrier()
+    runtime.leave_without_finalization(0)  # how our scripts end (runtime.run_script): no gloo teardown abort
 
 
 if __name__ == "__main__":

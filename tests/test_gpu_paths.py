@@ -377,8 +377,8 @@ def two_rank_worker(out_dir: str) -> None:
                          for c in (1, 3, 4096)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    runtime.barrier()
+    runtime.leave_without_finalization(0)  # how our scripts end (runtime.run_script): no gloo teardown abort
 
 
 # --------------------------------------------------------------------------------------------------

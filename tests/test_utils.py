@@ -166,7 +166,7 @@ runtime.run_script(main, parser.parse_args())
 
 def test_run_script_ends_a_two_process_run_as_a_normal_exit_would(tmp_path):
     """run_script leaves a finished multi-process run without the interpreter's finalisation (see
-    runtime._leave_without_finalization); what a normal exit does for the user's code must still happen:
+    runtime.leave_without_finalization); what a normal exit does for the user's code must still happen:
     non-daemon threads finish, atexit handlers run, buffered output reaches stdout, exit code 0."""
     script = tmp_path / "end_of_run.py"
     script.write_text(END_OF_RUN_SCRIPT)
