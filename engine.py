@@ -109,9 +109,10 @@ def steps_per_epoch(dataset, data_loader, grad_accum_steps: int) -> int:
 def has_checkpoint(output_dir: str, pretrained_weights: str = "") -> bool:
     """Whether `fit` will resume from output_dir/checkpoint.pth (then `pretrained_weights` are not read)."""
     path = os.path.join(output_dir, "checkpoint.pth")
-    if os.path.isfile(path) and pretrained_weights:
+    found = os.path.isfile(path)
+    if found and pretrained_weights:
         print(f"Resuming from {path}: --pretrained_weights not read.")
-    return os.path.isfile(path)
+    return found
 
 
 def nonfinite_weights(model: nn.Module) -> List[str]:

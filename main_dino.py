@@ -165,7 +165,7 @@ def check_args(args: argparse.Namespace) -> None:
     health.check_args(args)
     if backbones.is_vit(args.arch):
         patch_size = backbones.patch_size_of(args.arch, args.patch_size)
-        what = f"--patch_size {patch_size}" if patch_size == args.patch_size else f"the patch size of {args.arch}, 14"
+        what = f"--patch_size {patch_size}" if patch_size == args.patch_size else f"the patch size of {args.arch}, {patch_size}"
         for name in ("global_crops_size", "local_crops_size"):
             require(getattr(args, name) % patch_size == 0,
                     f"--{name} {getattr(args, name)} is not a multiple of {what}")

@@ -213,7 +213,7 @@ class Tracker:
         mode = os.environ.get("WANDB_MODE")  # online, offline (e.g. no network), disabled
         # a new run gets its id from W&B; a resumed one continues the id kept in the checkpoint
         w = self.wandb_options
-        kwargs = dict(project=w.get("project", "dino"), entity=w.get("entity"),
+        kwargs = dict(project=w.get("project"), entity=w.get("entity"),
                       name=w.get("name") or os.path.basename(os.path.abspath(self.output_dir)),
                       tags=list(w.get("tags") or []) or None, dir=self.output_dir, config=self.config,
                       allow_val_change=True,

@@ -132,7 +132,7 @@ def show_path(path: str, transform) -> np.ndarray:
 # Patch features and their PCA
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def feature_map(model: nn.Module, images: torch.Tensor, arch: str, patch_size: int) -> torch.Tensor:
+def feature_map(model: nn.Module, images: torch.Tensor, arch: str) -> torch.Tensor:
     """The last layer's features at every position: [B, h, w, D]. Our ViTs: the normalised patch tokens of the
     last block; timm models: forward_features (prefix tokens dropped); torchvision convnets: the feature map
     before global pooling."""
@@ -323,7 +323,7 @@ def run_pca(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         images, kept = load_from_dataset(dataset, sample(len(dataset), args.num_images, args.seed))
         names = [dataset.samples[i][0] for i in kept]
     model = build_model(args, device)
-    maps = torch.cat([feature_map(model, batch.to(device), args.arch, args.patch_size).float().cpu()
+    maps = torch.cat([feature_map(model, batch.to(device), args.arch).float().cpu()
                       for batch in images.split(args.batch_size_per_gpu)])
     rgb, foreground = pca_maps(maps, args.bg_threshold)
     pairs = []

@@ -70,9 +70,9 @@ def test_pca_first_component_rises_towards_the_object():
 def test_feature_maps_of_vit_and_resnet():
     images = torch.randn(2, 3, 64, 96)
     vit = backbones.build_eval_model("vit_tiny", 16, "", None, torch.device("cpu"))
-    assert vf.feature_map(vit, images, "vit_tiny", 16).shape == (2, 4, 6, 192)
+    assert vf.feature_map(vit, images, "vit_tiny").shape == (2, 4, 6, 192)
     resnet = backbones.build_eval_model("resnet18", 16, "", None, torch.device("cpu"))
-    maps = vf.feature_map(resnet, images, "resnet18", 16)
+    maps = vf.feature_map(resnet, images, "resnet18")
     assert maps.shape == (2, 2, 3, 512)
     # the global feature of a ResNet is the mean of this map
     assert torch.allclose(maps.mean(dim=(1, 2)), resnet(images), atol=1e-5)
