@@ -207,19 +207,26 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
                     *, after_step: Optional[Callable[[int], Dict[str, Any]]] = None,
                     precision: Optional[runtime.Precision] = None, guard: Optional[NonFiniteGuard] = None,
                     bad_images: Optional[data.BadImageTracker] = None,
-                    detector: Optional[health.CollapseDetector] = None, run: Optional["Run"] = None) -> Dict[str, float]:
+                    detector: Optional[health.CollapseDetector] = None, run: Optional["Run"] = None,
+                    clip_gradients: Callable[[nn.Module, float], torch.Tensor] = utils.clip_gradients
+                    ) -> Dict[str, float]:
     """One epoch of optimizer steps on `student` (DDP-wrapped or not); returns the epoch averages of the loss, of
     what `step` and `after_step` return, of lr and wd, and images/s. `data_loader` yields `(batch, labels, bad)`,
     `bad` holding an unreadable-image report per sample ("" if none) for `bad_images`. `args` gives
     grad_accum_steps, clip_grad, freeze_last_layer, freeze_backbone_epochs, epochs, print_freq, batch_size_per_gpu,
     world_size and device. `precision`: runtime.precision_setup's (None: fp32). `run`: the Run of this epoch, for
     its position inside an interrupted epoch (the loader already skips the consumed batches), its checkpoints
-    between steps and its tracker."""
+    between steps and its tracker. `clip_gradients(student, clip)` clips (--clip_grad) and returns the norms.
+
+    Parameter groups may carry `lr_scale`, `wd_scale` (weight decay = schedule x wd_scale) and `last_layer`: with
+    such groups (DINOv2's) the last layer is frozen by a learning rate of 0 during the first --freeze_last_layer
+    epochs; without, as officially, by dropping its gradients."""
     autocast, scaler = (precision.autocast, precision.scaler) if precision else (contextlib.nullcontext, None)
     guard = guard or NonFiniteGuard(args.device, print_freq=args.print_freq)
     tracker, position = (run.tracker, run.rank_position(epoch)) if run else (None, None)
     metric_logger = utils.MetricLogger(delimiter="  ")
     accum, niter_per_ep = args.grad_accum_steps, len(data_loader) // args.grad_accum_steps
+    lr_frozen_last_layer = any("last_layer" in group for group in optimizer.param_groups)
     epoch_start, n_images, elapsed_before, start_batch = time.time(), 0, 0.0, 0
     if position:
         start_batch, n_images, elapsed_before = position["batches"], position["n_images"], position["elapsed"]
@@ -248,7 +255,11 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         if micro == 0:  # update weight decay and learning rate according to their schedule
             for i, param_group in enumerate(optimizer.param_groups):
                 param_group["lr"] = float(lr_schedule[it]) * param_group.get("lr_scale", 1.0)
-                if param_group.get("regularized", i == 0):  # official groups: only the first is regularized
+                if param_group.get("last_layer") and epoch < args.freeze_last_layer:
+                    param_group["lr"] = 0.0  # DINOv2's frozen last layer: lr 0, its AdamW moments still move
+                if "wd_scale" in param_group:  # DINOv2's groups
+                    param_group["weight_decay"] = float(wd_schedule[it]) * param_group["wd_scale"]
+                elif param_group.get("regularized", i == 0):  # official groups: only the first is regularized
                     param_group["weight_decay"] = float(wd_schedule[it])
 
         # forward passes + loss, then backward; DDP all-reduces the gradients at the last micro-batch only
@@ -277,10 +288,11 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         metric_logger.update(loss=loss, **terms)
         if detector is not None:
             detector.watch(it, terms)
-        norms = utils.clip_gradients(student, args.clip_grad) if args.clip_grad else None
+        norms = clip_gradients(student, args.clip_grad) if args.clip_grad else None
         if log_now and norms is None:
             norms = utils.grad_norms(student)[1]
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        if not lr_frozen_last_layer:  # the official way: no gradient, so AdamW leaves weights and moments alone
+            utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
         utils.cancel_gradients_backbone(epoch, student, args.freeze_backbone_epochs)
         if scaler is None:
             optimizer.step()
@@ -494,7 +506,8 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
         data_loader, lr_schedule, wd_schedule, precision: runtime.Precision, state: Dict[str, Any],
         after_step: Optional[Callable[[int], Dict]] = None, evaluate: Optional[Callable[[int], Dict[str, Any]]] = None,
         extra_checkpoint: Optional[Dict[str, Any]] = None,
-        check_checkpoint: Optional[Callable[[dict], None]] = None) -> None:
+        check_checkpoint: Optional[Callable[[dict], None]] = None,
+        clip_gradients: Callable[[nn.Module, float], torch.Tensor] = utils.clip_gradients) -> None:
     """Train `student` for the epochs left, resuming from output_dir/checkpoint.pth when it exists.
 
     `state`: everything else that a checkpoint restores, by name (modules, optimizer, losses with a centre).
@@ -503,7 +516,8 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
     `evaluate(epoch)`, if given, runs after every epoch and returns the figures to log (possibly none); with
     --knn_eval_at_start, also as `evaluate(-1)` before the first step of a new run (log.txt record of epoch -1).
     Unreadable images are counted against --max_bad_images_fraction, non-finite steps judged by a
-    NonFiniteGuard, and the steps' health signals watched by a health.CollapseDetector.
+    NonFiniteGuard, and the steps' health signals watched by a health.CollapseDetector. `clip_gradients`: as
+    train_one_epoch takes it (per parameter, officially).
     """
     niter_per_ep = len(data_loader) // args.grad_accum_steps
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -538,7 +552,8 @@ def fit(args: argparse.Namespace, *, step: StepFn, student: nn.Module, optimizer
             data_loader.sampler.set_epoch(epoch, position["batches"] * args.batch_size_per_gpu if position else 0)
             train_stats = train_one_epoch(step, student, optimizer, data_loader, lr_schedule, wd_schedule, epoch,
                                           args, after_step=after_step, precision=precision, guard=guard,
-                                          bad_images=bad_images, detector=detector, run=run)
+                                          bad_images=bad_images, detector=detector, run=run,
+                                          clip_gradients=clip_gradients)
             data_loader.sampler.set_epoch(epoch, 0)
             run.end_epoch(epoch, train_stats, evaluate(epoch) if evaluate is not None else {})
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(time.time() - start_time)))))

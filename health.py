@@ -32,6 +32,8 @@ import runtime
 import utils
 
 SIGNALS = ("teacher_entropy", "teacher_entropy_frac", "prototypes_in_use", "kl", "feature_spread")
+IBOT = "ibot_"  # the prefix of the same signals of the iBOT head's targets (masked patches; DINOv2 objective)
+ALL_SIGNALS = SIGNALS + tuple(IBOT + name for name in SIGNALS[:4])
 
 
 def add_health_args(parser: argparse.ArgumentParser) -> None:
@@ -74,21 +76,32 @@ def feature_spread(features: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dino_signals(teacher_logp: torch.Tensor, loss: torch.Tensor,
-                 features: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def dino_signals(teacher_logp: torch.Tensor, loss: torch.Tensor, features: Optional[torch.Tensor] = None,
+                 prefix: str = "", loss_weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The per-step signals (0-d device tensors) from the teacher's log-probabilities [2B, K] (as the loss
     used them: `teacher_log_probs`, or the log of Sinkhorn-Knopp's), the DINO loss, and backbone CLS features.
 
     The loss pairs every teacher view with every other view, each teacher view with the same number of student
     views, so the mean entropy over the pairs is the mean over the teacher rows, and the mean KL over the same
-    pairs is the loss minus it (cross-entropy = entropy + KL)."""
+    pairs is the loss minus it (cross-entropy = entropy + KL).
+
+    With `prefix` "ibot_": the same signals of the iBOT targets, `teacher_logp` holding one row per masked patch,
+    `loss` the iBOT loss and `loss_weights` the weight of each row in it (iBOT: 1 / (masked patches of its image x
+    images)); `kl` is then the loss minus the same weighted entropy, divided by the weights' sum: the mean KL per
+    masked image, on the scale of DINO's."""
+    if teacher_logp.shape[0] == 0:  # no masked patch in this batch: nothing to say
+        return {}
     logq = teacher_logp.float()
     q = logq.exp()
-    entropy = -(q * logq).sum(dim=-1).mean()
+    entropies = -(q * logq).sum(dim=-1)
+    entropy = entropies.mean()
     mean_q = q.mean(dim=0)
     batch_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
-    out = {"teacher_entropy": entropy, "teacher_entropy_frac": entropy / math.log(logq.shape[-1]),
-           "prototypes_in_use": batch_entropy.exp(), "kl": loss.detach().float() - entropy}
+    out = {prefix + "teacher_entropy": entropy, prefix + "teacher_entropy_frac": entropy / math.log(logq.shape[-1]),
+           prefix + "prototypes_in_use": batch_entropy.exp(), prefix + "kl": loss.detach().float() - entropy}
+    if loss_weights is not None:
+        weights = loss_weights.float()
+        out[prefix + "kl"] = (loss.detach().float() - (entropies * weights).sum()) / weights.sum()
     if features is not None:
         out["feature_spread"] = feature_spread(features)
     return out
@@ -212,12 +225,17 @@ class CollapseDetector:
         uniform = v.get("teacher_entropy_frac", 0.) >= self.uniform_entropy and v.get("kl", 1e9) <= self.uniform_kl
         single = (v.get("prototypes_in_use", 1e9) <= self.single_prototypes
                   or v.get("feature_spread", 1e9) <= self.single_spread)
-        return {"uniform": uniform, "single-prototype": single}
+        kinds = {"uniform": uniform, "single-prototype": single}
+        if any(k.startswith(IBOT) for k in v):  # the iBOT head's targets (DINOv2 objective)
+            kinds["iBOT uniform"] = (v.get(IBOT + "teacher_entropy_frac", 0.) >= self.uniform_entropy
+                                     and v.get(IBOT + "kl", 1e9) <= self.uniform_kl)
+            kinds["iBOT single-prototype"] = v.get(IBOT + "prototypes_in_use", 1e9) <= self.single_prototypes
+        return kinds
 
     def observe(self, it: int, metrics: Dict) -> Optional[str]:
         if self.collapsed is not None or it < self.warmup:
             return None
-        values = {k: float(metrics[k]) for k in SIGNALS if k in metrics}  # the host reads the device here
+        values = {k: float(metrics[k]) for k in ALL_SIGNALS if k in metrics}  # the host reads the device here
         if not values:
             return None
         for kind, now in self.kinds(values).items():
@@ -227,9 +245,9 @@ class CollapseDetector:
             start = self.since.setdefault(kind, it)
             if it - start >= self.window:
                 self.collapsed = kind
-                measured = ", ".join(f"{k} {values[k]:.4g}" for k in SIGNALS if k in values)
+                measured = ", ".join(f"{k} {values[k]:.4g}" for k in ALL_SIGNALS if k in values)
                 return (f"WARNING: collapse ({kind}) at iteration {it}, held since iteration {start}: {measured}. "
-                        f"What to change: {ADVICE[kind]}.")
+                        f"What to change: {ADVICE[kind.replace('iBOT ', '')]}.")
         return None
 
     def watch(self, it: int, metrics: Dict) -> None:

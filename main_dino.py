@@ -7,8 +7,14 @@
 
 Reads top to bottom: flags, data, models, loss and optimizer, schedules, resume, loop, save.
 Restarting the same command resumes from `output_dir/checkpoint.pth`.
+
+With --ibot_loss_weight and/or --koleo_loss_weight above 0 it trains DINOv2's objective instead (docs/training.md):
+iBOT on masked patches of the global crops and KoLeo on the student's CLS beside DINO, DINOv2's optimizer groups
+(--layerwise_decay, --patch_embed_lr_mult), per-iteration teacher temperature and square-root learning-rate
+scaling. With neither, it is the official DINO: same defaults, numerics and checkpoints.
 """
 import argparse
+import math
 from types import SimpleNamespace
 from typing import Optional
 
@@ -24,10 +30,11 @@ import eval_knn
 import health
 import masking
 import runtime
+import ssl_meta_arch
 import tracking
 import utils
 import vision_transformer as vits
-from losses import DINOLoss
+from losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 
 def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
@@ -85,6 +92,7 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
         train only the heads for this many epochs, so that fresh heads settle before they reach the backbone.""")
     parser.add_argument('--backbone_lr_scale', default=1.0, type=float,
                         help="The backbone's learning rate as a fraction of the heads' (--lr).")
+    add_dinov2_args(parser)
 
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.), help="""Scale range
@@ -127,6 +135,42 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def add_dinov2_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of DINOv2's objective (iBOT, KoLeo, masks, its optimizer and ViT options), off by default here;
+    main_distill.py sets its own defaults for them."""
+    group = parser.add_argument_group("DINOv2 objective (on when --ibot_loss_weight or --koleo_loss_weight > 0)")
+    group.add_argument('--dino_loss_weight', default=1.0, type=float, help="Weight of the DINO (CLS) loss.")
+    group.add_argument('--ibot_loss_weight', default=0.0, type=float, help="""Weight of the iBOT loss on the
+        masked patches of the global crops (DINOv2: 1.0; 0: no iBOT, no masks).""")
+    group.add_argument('--koleo_loss_weight', default=0.0, type=float,
+                       help="Weight of KoLeo on the student's global CLS tokens (DINOv2: 0.1).")
+    group.add_argument('--ibot_separate_head', default=False, type=utils.bool_flag, help="""A separate iBOT
+        head (else the DINO head also projects the patch tokens, DINOv2's default).""")
+    group.add_argument('--centering', default='centering', choices=DINOLoss.CENTERINGS, help="""Teacher targets of
+        the DINO and iBOT losses: centred softmax (DINO) or Sinkhorn-Knopp (DINOv2's alternative).""")
+    group.add_argument('--mask_ratio', default=[0.1, 0.5], type=float, nargs='+', help="""Fraction of the patches
+        of a masked global crop that are masked: one value, or a range `min max` drawn per crop (DINOv2: 0.1 0.5).""")
+    group.add_argument('--mask_probability', default=0.5, type=float,
+                       help="Fraction of the global crops that get a mask (DINOv2: 0.5).")
+    group.add_argument('--mask_patch_size', default=None, type=int, help="""Side in pixels of the mask cells, a
+        multiple of the patch size (default: the patch size, DINOv2's per-patch masking).""")
+    group.add_argument('--layerwise_decay', default=1.0, type=float, help="""Layer-wise learning-rate decay: block
+        i of L gets decay^(L - i), tokens and patch embedding decay^(L + 1) (DINOv2: 0.9; 1: none).""")
+    group.add_argument('--patch_embed_lr_mult', default=1.0, type=float,
+                       help="Learning-rate multiplier of the patch embedding (DINOv2: 0.2).")
+    group.add_argument('--drop_path_uniform', default=False, type=utils.bool_flag, help="""The same drop-path rate
+        in every block (DINOv2) instead of a rate rising linearly with depth (DINO). Our ViTs.""")
+    group.add_argument('--layerscale', default=None, type=float, help="""LayerScale's initial value (DINOv2:
+        1e-5; default: none, or the value of a dinov2_* --arch). Our ViTs.""")
+    group.add_argument('--num_register_tokens', default=0, type=int,
+                       help="Register tokens of the ViT (DINOv2 with registers: 4). Our ViTs.")
+
+
+def dinov2_objective(args: argparse.Namespace) -> bool:
+    """Whether main_dino.py trains DINOv2's objective (iBOT and/or KoLeo) rather than the official DINO."""
+    return args.ibot_loss_weight > 0 or args.koleo_loss_weight > 0
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values and combinations that cannot work, with one message each."""
     def require(ok: bool, message: str) -> None:
@@ -163,12 +207,76 @@ def check_args(args: argparse.Namespace) -> None:
                 f"0.1; DINO uses 0.04-0.07), got {getattr(args, name)}")
     tracking.check_args(args)
     health.check_args(args)
+    check_dinov2_args(args)
     if backbones.is_vit(args.arch):
         patch_size = backbones.patch_size_of(args.arch, args.patch_size)
         what = f"--patch_size {patch_size}" if patch_size == args.patch_size else f"the patch size of {args.arch}, {patch_size}"
         for name in ("global_crops_size", "local_crops_size"):
             require(getattr(args, name) % patch_size == 0,
                     f"--{name} {getattr(args, name)} is not a multiple of {what}")
+
+
+def check_dinov2_args(args: argparse.Namespace) -> None:
+    """The flags of DINOv2's objective (also main_distill.py's): values, and what they need of the backbone."""
+    for name in ("dino", "ibot", "koleo"):
+        if getattr(args, f"{name}_loss_weight") < 0:
+            raise utils.UserError(f"--{name}_loss_weight must not be negative")
+    vit_only = {"--drop_path_uniform true": args.drop_path_uniform, "--layerscale": args.layerscale is not None,
+                "--num_register_tokens": args.num_register_tokens != 0}
+    if args.ibot_loss_weight > 0:
+        vit_only[f"--ibot_loss_weight {args.ibot_loss_weight}"] = True
+    for flag, given in vit_only.items():
+        if given and not backbones.is_vit(args.arch):
+            raise utils.UserError(
+                f"{flag}: --arch {args.arch} is not one of our ViTs ({backbones.OUR_VITS})"
+                + (", the only backbones that take iBOT masks (a mask token in place of masked patches); ResNets "
+                   "and timm models cannot mask their input. Use a ViT, or drop iBOT (--ibot_loss_weight 0; "
+                   "KoLeo works with any backbone)" if flag.startswith("--ibot") else ""))
+    if args.num_register_tokens < 0 or (args.layerscale is not None and args.layerscale <= 0):
+        raise utils.UserError("--num_register_tokens must not be negative and --layerscale must be positive")
+    if not 0 < args.layerwise_decay <= 1 or args.patch_embed_lr_mult < 0:
+        raise utils.UserError(f"--layerwise_decay must be in (0, 1] (got {args.layerwise_decay}) and "
+                              f"--patch_embed_lr_mult not negative (got {args.patch_embed_lr_mult})")
+    if not hasattr(args, "momentum_teacher"):
+        return  # main_distill.py: its own objective
+    if not dinov2_objective(args):
+        for flag, changed in {"--layerwise_decay": args.layerwise_decay != 1, "--ibot_separate_head":
+                              args.ibot_separate_head, "--patch_embed_lr_mult": args.patch_embed_lr_mult != 1}.items():
+            if changed:
+                raise utils.UserError(f"{flag} belongs to DINOv2's objective: switch it on with --ibot_loss_weight "
+                                      "1 and/or --koleo_loss_weight 0.1, or leave the flag at its default")
+        return
+    if args.koleo_loss_weight > 0 and args.batch_size_per_gpu < 2:
+        raise utils.UserError("--koleo_loss_weight needs --batch_size_per_gpu of at least 2 (each image's nearest "
+                              "neighbour in the batch)")
+    if args.ibot_loss_weight > 0 and args.ibot_separate_head and args.use_bn_in_head:
+        raise utils.UserError("--ibot_separate_head true with --use_bn_in_head true: a batch without masked patches "
+                              "would leave the iBOT head's batch norm nothing to normalise; share the head "
+                              "(--ibot_separate_head false) or drop the batch norm")
+
+
+def build_mask_sampler(args: argparse.Namespace) -> masking.BlockMaskSampler:
+    """The iBOT masks of the global crops, from --mask_ratio, --mask_probability and --mask_patch_size; mask
+    settings that mask no patch, or every patch, stop here with the flag to change."""
+    patch_size = backbones.patch_size_of(args.arch, args.patch_size)
+    try:
+        sampler = masking.BlockMaskSampler(args.global_crops_size, patch_size, args.mask_patch_size,
+                                           mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
+    except ValueError as e:  # a flag out of range: the message names it
+        raise utils.UserError(str(e)) from None
+    low, high = sampler.mask_ratio
+    cells = sampler.num_cells
+    if args.mask_probability == 0 or sampler.num_masked_cells(high) == 0:
+        raise utils.UserError(
+            f"--mask_probability {args.mask_probability} with --mask_ratio {' '.join(map(str, args.mask_ratio))} "
+            f"masks no patch of a {args.global_crops_size} px global crop ({cells} mask cells): the iBOT loss would "
+            "have nothing to learn from. DINOv2 uses --mask_probability 0.5 --mask_ratio 0.1 0.5")
+    if sampler.num_masked_cells(high) >= cells:
+        raise utils.UserError(
+            f"--mask_ratio {' '.join(map(str, args.mask_ratio))} masks every patch of some global crops ({cells} "
+            "mask cells): the student would see only mask tokens. Keep the ratio below 1, e.g. DINOv2's 0.1 0.5")
+    print(f"iBOT masks: {sampler}")
+    return sampler
 
 
 def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMaskSampler] = None):
@@ -188,13 +296,18 @@ def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMas
     return dataset, data_loader
 
 
-def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, student: nn.Module, dinov2_groups: bool = False
+                    ) -> torch.optim.Optimizer:
     """--optimizer over the student's parameters (no weight decay on biases and norms); lr and weight decay
     are set by the schedules at every step. With --backbone_lr_scale other than 1, the heads' groups come
-    first (group 0's lr is the one logged) and the backbone's carry `lr_scale`."""
+    first (group 0's lr is the one logged) and the backbone's carry `lr_scale`. `dinov2_groups`: DINOv2's
+    groups instead (ssl_meta_arch.params_groups_with_decay: layer-wise decay, patch-embedding multiplier)."""
     params_groups = utils.get_params_groups(student)
     scale = args.backbone_lr_scale
-    if scale != 1.0:
+    if dinov2_groups:
+        params_groups = ssl_meta_arch.params_groups_with_decay(engine.unwrap(student), args.layerwise_decay,
+                                                               args.patch_embed_lr_mult, scale)
+    elif scale != 1.0:
         backbone = {id(p) for p in engine.unwrap(student).backbone.parameters()}
         params_groups = [{**group, "params": [p for p in group["params"] if (id(p) in backbone) == in_backbone],
                           "regularized": i == 0, "lr_scale": scale if in_backbone else 1.0}
@@ -207,11 +320,18 @@ def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim
     return timm.optim.Lars(params_groups, lr=0, momentum=0.9)  # to use with convnet and large batches
 
 
-def build_schedules(args: argparse.Namespace, niter_per_ep: int):
-    """Per-iteration learning rate (linear warmup, cosine decay) and weight decay (cosine) schedules."""
+def build_schedules(args: argparse.Namespace, niter_per_ep: int, sqrt_scaling: bool = False):
+    """Per-iteration learning rate (linear warmup, cosine decay) and weight decay (cosine) schedules. --lr is
+    scaled with the total batch: linearly from 256 (DINO), or with `sqrt_scaling` by the square root from 1,024
+    (DINOv2's rule); the value in use is printed."""
     total_batch = args.batch_size_per_gpu * args.world_size * args.grad_accum_steps
+    if sqrt_scaling:
+        lr, rule = args.lr * math.sqrt(total_batch / 1024.), f"sqrt({total_batch}/1024), DINOv2's rule"
+    else:
+        lr, rule = args.lr * total_batch / 256., f"{total_batch}/256, the linear scaling rule"
+    print(f"Learning rate after warm-up: {lr:.6g} (--lr {args.lr:g} x {rule}).")
     lr_schedule = utils.cosine_scheduler(
-        args.lr * total_batch / 256.,  # linear scaling rule
+        lr,
         args.min_lr,
         args.epochs, niter_per_ep,
         warmup_epochs=args.warmup_epochs,
@@ -240,17 +360,53 @@ def speed_setup(args: argparse.Namespace, student_backbone: nn.Module, teacher_b
         print("torch.compile: the first iterations at each crop resolution compile (can take minutes).")
 
 
-def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
-    """Student, teacher, loss, optimizer, precision and schedules, as the training loop uses them."""
-    # ============ building student and teacher networks ... ============
-    student, embed_dim = backbones.build_backbone(args.arch, args.patch_size, args.drop_path_rate)
-    teacher, _ = backbones.build_backbone(args.arch, args.patch_size)
-    student = utils.MultiCropWrapper(student, vits.DINOHead(
-        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+def vit_options(args: argparse.Namespace, masks: bool = False) -> dict:
+    """Keyword arguments of our ViTs from the DINOv2 flags: only those given, so that the official build is
+    untouched otherwise; `masks` adds iBOT's mask token."""
+    options = {"masked_im_modeling": True} if masks else {}
+    if args.drop_path_uniform:
+        options["drop_path_uniform"] = True
+    if args.layerscale is not None:
+        options["init_values"] = args.layerscale
+    if args.num_register_tokens:
+        options["num_register_tokens"] = args.num_register_tokens
+    return options
+
+
+def build_networks(args: argparse.Namespace, dinov2: bool):
+    """(student, teacher) before placement: MultiCropWrapper(backbone, DINOHead), officially; with DINOv2's
+    objective, ssl_meta_arch.SSLModel (a mask token in the ViT, an iBOT head when --ibot_separate_head)."""
+    ibot = dinov2 and args.ibot_loss_weight > 0
+    options = vit_options(args, masks=ibot)
+    student, embed_dim = backbones.build_backbone(args.arch, args.patch_size, args.drop_path_rate, **options)
+    teacher, _ = backbones.build_backbone(args.arch, args.patch_size, **options)
+
+    def head(norm_last_layer: bool = args.norm_last_layer) -> nn.Module:
+        return vits.DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=norm_last_layer)
+
+    separate = ibot and args.ibot_separate_head
+    if dinov2:
+        student = ssl_meta_arch.SSLModel(student, head(), head() if separate else None)
+        heads = {"head.": student.head, "ibot_head.": student.ibot_head}
+    else:
+        student = utils.MultiCropWrapper(student, head())
+        heads = {"head.": student.head}
     if args.pretrained_weights and not engine.has_checkpoint(args.output_dir, args.pretrained_weights):
-        checkpointing.init_from_pretrained(student.backbone, {"head.": student.head}, args.pretrained_weights,
-                                           args.checkpoint_key, args.arch, args.patch_size)
-    teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+        checkpointing.init_from_pretrained(student.backbone, heads, args.pretrained_weights, args.checkpoint_key,
+                                           args.arch, args.patch_size)
+    if dinov2:
+        teacher = ssl_meta_arch.SSLModel(teacher, head(True), head(True) if separate else None)
+    else:
+        teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    return student, teacher
+
+
+def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespace:
+    """Student, teacher, losses, optimizer, precision and schedules, as the training loop uses them; with
+    DINOv2's objective (`dinov2_objective`), its losses, optimizer groups and teacher-temperature schedule."""
+    dinov2 = dinov2_objective(args)
+    # ============ building student and teacher networks ... ============
+    student, teacher = build_networks(args, dinov2)
     student, teacher = student.to(args.device), teacher.to(args.device)
     if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
         sizes = {"--global_crops_size": args.global_crops_size, "--local_crops_size": args.local_crops_size}
@@ -258,6 +414,8 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
         if runtime.cpu_bf16(args.device, args.use_fp16, args.amp_dtype):
             backbones.check_cpu_bf16_convolutions(student.backbone, sizes, args.arch)
     speed_setup(args, student.backbone, teacher.backbone)
+    if args.compile and dinov2 and args.ibot_loss_weight > 0:
+        ssl_meta_arch.compile_forward_features(student.backbone, teacher.backbone)
 
     student, teacher = engine.distribute(student, args.device, teacher)  # SyncBatchNorm and DDP, if several processes
     teacher_without_ddp = engine.unwrap(teacher)
@@ -276,54 +434,78 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
         args.warmup_teacher_temp_epochs,
         args.epochs,
         center_momentum=args.center_momentum,
+        centering=args.centering,
     ).to(args.device)
+    losses = {"dino": dino_loss}
+    if dinov2 and args.ibot_loss_weight > 0:
+        losses["ibot"] = iBOTPatchLoss(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
+                                       args.warmup_teacher_temp_epochs, args.epochs,
+                                       center_momentum=args.center_momentum).to(args.device)
+    if dinov2 and args.koleo_loss_weight > 0:
+        losses["koleo"] = KoLeoLoss()
 
-    optimizer = build_optimizer(args, student)
+    optimizer = build_optimizer(args, student, dinov2_groups=dinov2)
     precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
     print(f"Precision: {precision.description}.")
-    lr_schedule, wd_schedule = build_schedules(args, niter_per_ep)
+    lr_schedule, wd_schedule = build_schedules(args, niter_per_ep, sqrt_scaling=dinov2)
     # momentum parameter is increased to 1. during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+    teacher_temp_schedule = None
+    if dinov2:  # DINOv2 warms the teacher temperature up per iteration (DINO per epoch, in DINOLoss)
+        teacher_temp_schedule = ssl_meta_arch.teacher_temp_schedule(
+            args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs * niter_per_ep,
+            args.epochs * niter_per_ep)
+        print(f"DINOv2 objective: DINO x {args.dino_loss_weight:g}, iBOT x {args.ibot_loss_weight:g}, KoLeo x "
+              f"{args.koleo_loss_weight:g}; {args.centering}; last layer frozen by a learning rate of 0 for "
+              f"{args.freeze_last_layer} epoch(s); gradients clipped per module.")
     if args.freeze_backbone_epochs:
         print(f"Backbone frozen in student and teacher for {args.freeze_backbone_epochs} epoch(s): heads only.")
     print("Loss, optimizer and schedulers ready.")
     return SimpleNamespace(student=student, teacher=teacher, teacher_without_ddp=teacher_without_ddp,
-                           dino_loss=dino_loss, optimizer=optimizer, precision=precision,
-                           lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                           momentum_schedule=momentum_schedule)
+                           dino_loss=dino_loss, losses=losses, optimizer=optimizer, precision=precision,
+                           lr_schedule=lr_schedule, wd_schedule=wd_schedule, momentum_schedule=momentum_schedule,
+                           teacher_temp_schedule=teacher_temp_schedule, dinov2=dinov2)
 
 
 def train_dino(args: argparse.Namespace) -> None:
     check_args(args)
+    mask_sampler = build_mask_sampler(args) if dinov2_objective(args) and args.ibot_loss_weight > 0 else None
     runtime.setup_run(args, deterministic=args.deterministic)
 
     # ============ preparing data ... ============
-    dataset, data_loader = build_data(args)
+    dataset, data_loader = build_data(args, mask_sampler)
     niter_per_ep = engine.steps_per_epoch(dataset, data_loader, args.grad_accum_steps)
 
     run = build_training(args, niter_per_ep)
     teacher_backbone, autocast = run.teacher_without_ddp.backbone, run.precision.autocast
     evaluate = eval_knn.online_knn_callback(args, teacher_backbone, autocast, "teacher")
     evaluate = health.epoch_callback(args, dataset.base, teacher_backbone, autocast, evaluate)
-    step, after_step = dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss,
-                                 run.momentum_schedule, args.freeze_backbone_epochs * niter_per_ep)
+    step, after_step, clip_gradients = build_step(args, run, niter_per_ep)
     print("Starting DINO training !")
     engine.fit(args, step=step, student=run.student, optimizer=run.optimizer, data_loader=data_loader,
                lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule, precision=run.precision,
-               state={"teacher": run.teacher, "dino_loss": run.dino_loss}, after_step=after_step, evaluate=evaluate)
+               state={"teacher": run.teacher, **{f"{name}_loss": loss for name, loss in run.losses.items()
+                                                 if name != "koleo"}},
+               after_step=after_step, evaluate=evaluate, clip_gradients=clip_gradients)
 
 
-def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module, dino_loss: DINOLoss,
-              momentum_schedule, frozen_backbone_iters: int = 0):
-    """DINO's part of the shared loop: `step` (teacher on the 2 global crops, student on all, DINO loss) and
-    `after_step` (the teacher EMA; of the heads only during the first `frozen_backbone_iters` iterations, so
-    that a frozen backbone stays bit for bit what it was). The step's metrics carry the training-health
-    signals (health.py) of the teacher's distribution and backbone CLS features."""
-    student_named = dict(engine.unwrap(student).named_parameters())
-    teacher_named = dict(teacher_without_ddp.named_parameters())
-    student_params, teacher_params = list(student_named.values()), list(teacher_named.values())
-    heads = [n for n in teacher_named if not n.startswith("backbone.")]
-    student_heads, teacher_heads = [student_named[n] for n in heads], [teacher_named[n] for n in heads]
+def build_step(args: argparse.Namespace, run: SimpleNamespace, niter_per_ep: int):
+    """(step, after_step, clip_gradients) of the shared loop for `run` (build_training's): DINO's step and the
+    official per-parameter clipping, or DINOv2's step and per-module clipping; the teacher EMA either way."""
+    after_step = ema_update(run.student, run.teacher_without_ddp, run.momentum_schedule,
+                            args.freeze_backbone_epochs * niter_per_ep)
+    if not run.dinov2:
+        return (dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss), after_step,
+                utils.clip_gradients)
+    weights = {f"{name}_loss": getattr(args, f"{name}_loss_weight") for name in run.losses}
+    return (ssl_meta_arch.dinov2_step(run.student, run.teacher, run.losses, weights, run.teacher_temp_schedule),
+            after_step,
+            ssl_meta_arch.clip_gradients_per_module)
+
+
+def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module, dino_loss: DINOLoss):
+    """DINO's part of the shared loop: teacher on the 2 global crops, student on all, DINO loss. The step's metrics
+    carry the training-health signals (health.py) of the teacher's distribution and backbone CLS features."""
     teacher_features = health.InputCatcher(teacher_without_ddp.head)  # the teacher backbone's CLS features
 
     def step(images, epoch: int, it: int):
@@ -331,13 +513,25 @@ def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Mo
             teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
         student_output = student(images)
         temp = dino_loss.teacher_temp(epoch)
-        teacher_logp = health.teacher_log_probs(teacher_output, dino_loss.center, temp)  # centre before its update
+        teacher_logp = ssl_meta_arch.teacher_log_probs(dino_loss, teacher_output, temp)  # centre before its update
         loss = dino_loss(student_output, teacher_output, epoch)
         signals = health.dino_signals(teacher_logp, loss, teacher_features.pop())
         return loss, {"teacher_temp": temp, **signals}
 
+    return step
+
+
+def ema_update(student: nn.Module, teacher_without_ddp: nn.Module, momentum_schedule, frozen_backbone_iters: int = 0):
+    """`after_step` of the shared loop: the teacher EMA, over every parameter (DINO's and DINOv2's), or of the
+    heads only during the first `frozen_backbone_iters` iterations, so that a frozen backbone stays bit for bit
+    what it was."""
+    student_named = dict(engine.unwrap(student).named_parameters())
+    teacher_named = dict(teacher_without_ddp.named_parameters())
+    student_params, teacher_params = list(student_named.values()), list(teacher_named.values())
+    heads = [n for n in teacher_named if not n.startswith("backbone.")]
+    student_heads, teacher_heads = [student_named[n] for n in heads], [teacher_named[n] for n in heads]
+
     def after_step(it: int):
-        # EMA update for the teacher
         with torch.no_grad():
             m = float(momentum_schedule[it])  # momentum parameter
             frozen = it < frozen_backbone_iters
@@ -346,7 +540,7 @@ def dino_step(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Mo
                                 student_heads if frozen else student_params, alpha=1 - m)
         return {"teacher_momentum": m}
 
-    return step, after_step
+    return after_step
 
 
 if __name__ == '__main__':

@@ -33,8 +33,8 @@ import engine
 import eval_knn
 import health
 import main_dino
-import masking
 import runtime
+import ssl_meta_arch
 import utils
 import vision_transformer as vits
 from losses import CLSTokenLoss, DINOLoss, KoLeoLoss, gram_loss, iBOTPatchLoss, sinkhorn_knopp, spd_loss
@@ -58,22 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--allow_random_teacher', default=False, type=utils.bool_flag, help="""Run with a
         randomly initialised teacher when no --teacher_weights are given (for tests only).""")
 
-    # Student heads and masking
-    parser.add_argument('--ibot_separate_head', default=False, type=utils.bool_flag, help="""A separate iBOT
-        head (else the DINO head also projects the patch tokens).""")
-    parser.add_argument('--mask_ratio', default=[0.4], type=float, nargs='+', help="""Fraction of the patches
-        of a masked global crop that are masked: one value, or a range `min max` sampled per crop.""")
-    parser.add_argument('--mask_probability', default=0.5, type=float,
-                        help="Fraction of the global crops that get a mask.")
-    parser.add_argument('--mask_patch_size', default=32, type=int, help="""Side in pixels of the mask cells
-        (a multiple of --patch_size): 32 with 16-pixel patches masks blocks of 2x2 patches.""")
-    parser.add_argument('--centering', default='centering', choices=['centering', 'sinkhorn_knopp'],
-                        help="Teacher targets of the DINO and iBOT losses: centred softmax (DINO) or Sinkhorn-Knopp (DINOv2).")
-
-    # Loss weights
-    parser.add_argument('--dino_loss_weight', default=1.0, type=float)
-    parser.add_argument('--ibot_loss_weight', default=1.0, type=float)
-    parser.add_argument('--koleo_loss_weight', default=0.1, type=float)
+    # DINOv2's flags (main_dino.add_dinov2_args) with distillation's defaults: iBOT and KoLeo on, masks of 2x2
+    # patches of 16 px, 40% of the patches of half the global crops
+    parser.set_defaults(ibot_loss_weight=1.0, koleo_loss_weight=0.1, mask_ratio=[0.4], mask_patch_size=32)
+    # Loss weights of the distillation terms
     parser.add_argument('--cls_loss_weight', default=1.0, type=float)
     parser.add_argument('--spd_loss_weight', default=1.0, type=float)
     parser.add_argument('--gram_loss_weight', default=0.0, type=float, help="DINOv3's Gram anchoring (MSE).")
@@ -83,12 +71,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    main_dino.check_args(args)
     if not backbones.is_vit(args.arch):
         raise utils.UserError(f"--arch {args.arch}: the student must be one of our ViTs ({backbones.OUR_VITS}), "
                               "whose patches the iBOT loss masks; timm models (DINOv3's among them) take no mask: "
                               "they can be the teacher (docs/distillation.md)")
-    for name in ("dino", "ibot", "koleo", "cls", "spd", "gram"):
+    main_dino.check_args(args)  # main_dino.check_dinov2_args too
+    for name in ("cls", "spd", "gram"):
         if getattr(args, f"{name}_loss_weight") < 0:
             raise utils.UserError(f"--{name}_loss_weight must not be negative")
     if not args.teacher_weights and not args.allow_random_teacher:
@@ -101,18 +89,6 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Teacher
 # ----------------------------------------------------------------------------------------------------
-def tokens_and_grid(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
-    """(normalised CLS token [B, D], patch tokens [B, N, D], patch grid (h, w)) of a ViT, ours or timm's;
-    register/storage tokens are left out."""
-    patch = model.patch_embed.patch_size
-    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-    tokens = model.forward_features(images, masks) if masks is not None else model.forward_features(images)
-    n_prefix = getattr(model, "num_prefix_tokens", 1)
-    return tokens[:, 0], tokens[:, n_prefix:], grid
-
-
 def resample_patch_tokens(tokens: torch.Tensor, grid: Tuple[int, int], target: Tuple[int, int]) -> torch.Tensor:
     """Patch tokens [B, h*w, D] on another grid (e.g. a /14 teacher for a /16 student), bilinearly."""
     if tuple(grid) == tuple(target):
@@ -172,21 +148,12 @@ class DistillStudent(nn.Module):
         (crop-major); mask_index: the flat indices of its True entries, if known (no host sync). Returns (DINO
         logits of all crops [(2+L)B, K], iBOT logits of the masked patches [M, K], global CLS tokens [2B, D],
         global patch tokens [2B, N, D], patch grid, CLS-token loss)."""
-        g_cls, g_patch, grid = tokens_and_grid(self.backbone, torch.cat(crops[:2]), masks)
+        g_cls, g_patch, grid = ssl_meta_arch.tokens_and_grid(self.backbone, torch.cat(crops[:2]), masks)
         local = crops[2:]
         cls = [g_cls] + [self.backbone(torch.cat(local[start:end])) for start, end in utils.resolution_runs(local)]
         dino_logits = self.head(torch.cat(cls))
-        ibot_logits = (self.ibot_head or self.head)(masked_rows(g_patch, masks, mask_index))
+        ibot_logits = (self.ibot_head or self.head)(ssl_meta_arch.masked_rows(g_patch, masks, mask_index))
         return dino_logits, ibot_logits, g_cls, g_patch, grid, self.cls_loss(g_cls, teacher_cls)
-
-
-def masked_rows(tokens: torch.Tensor, masks: torch.Tensor, mask_index: Optional[torch.Tensor]) -> torch.Tensor:
-    """`tokens[masks]` ([B, N, D] -> [M, D]). With the precomputed flat indices of the mask (the loader's
-    masking.collate_masked_crops), a gather whose size the host already knows: boolean indexing would copy M
-    to the host first, a GPU synchronisation every step."""
-    if mask_index is None:
-        return tokens[masks]
-    return tokens.flatten(0, 1).index_select(0, mask_index)
 
 
 def distill_step(student: nn.Module, teacher: Tuple[nn.Module, nn.Module, nn.Module], losses: dict,
@@ -201,17 +168,14 @@ def distill_step(student: nn.Module, teacher: Tuple[nn.Module, nn.Module, nn.Mod
         mask_index = rest[0] if rest else None
         masks = masks.transpose(0, 1).flatten(0, 1)  # [B, 2, N] -> [2B, N], crop-major like torch.cat(crops[:2])
         with torch.no_grad():
-            t_cls, t_patch, t_grid = tokens_and_grid(t_backbone, torch.cat(crops[:2]))
+            t_cls, t_patch, t_grid = ssl_meta_arch.tokens_and_grid(t_backbone, torch.cat(crops[:2]))
         dino_logits, ibot_logits, s_cls, s_patch, s_grid, cls_loss = student(crops, masks, t_cls, mask_index)
         with torch.no_grad():
             t_patch = resample_patch_tokens(t_patch, t_grid, s_grid)
             t_dino = t_head(t_cls)
-            t_ibot = t_ibot_head(masked_rows(t_patch, masks, mask_index))
+            t_ibot = t_ibot_head(ssl_meta_arch.masked_rows(t_patch, masks, mask_index))
         temp = losses["dino"].teacher_temp(epoch)
-        if args.centering == "sinkhorn_knopp":  # the teacher probabilities of the DINO loss, for the health signals
-            t_logp = torch.log(sinkhorn_knopp(t_dino, temp).clamp_min(1e-30))
-        else:
-            t_logp = health.teacher_log_probs(t_dino, losses["dino"].center, temp)  # centre before its update
+        t_logp = ssl_meta_arch.teacher_log_probs(losses["dino"], t_dino, temp)  # for the health signals
         terms = {"dino_loss": losses["dino"](dino_logits, t_dino, epoch)}
         if args.centering == "sinkhorn_knopp":
             probs = sinkhorn_knopp(t_ibot, losses["ibot"].teacher_temp(epoch))
@@ -235,29 +199,12 @@ def distill_step(student: nn.Module, teacher: Tuple[nn.Module, nn.Module, nn.Mod
     return step
 
 
-def compile_forward_features(*models: nn.Module) -> None:
-    """--compile for distillation: the teacher and the student's global crops go through `forward_features`
-    (the teacher's patch tokens; the student's with masks), which `Module.compile` (main_dino.speed_setup)
-    does not reach, since it compiles what `module(x)` runs. The bound methods are compiled in place (one graph
-    per input shape), as instance attributes: the modules' state_dict keys do not change."""
-    for model in models:
-        if not getattr(model.forward_features, "_dino_compiled", False):
-            compiled = torch.compile(model.forward_features, dynamic=False)
-            compiled._dino_compiled = True
-            model.forward_features = compiled
-
-
 # ----------------------------------------------------------------------------------------------------
 # Script
 # ----------------------------------------------------------------------------------------------------
 def train_distill(args: argparse.Namespace) -> None:
     check_args(args)
-    try:
-        patch_size = backbones.patch_size_of(args.arch, args.patch_size)
-        mask_sampler = masking.BlockMaskSampler(args.global_crops_size, patch_size, args.mask_patch_size,
-                                                mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
-    except ValueError as e:  # a flag out of range: the message names it
-        raise utils.UserError(str(e)) from None
+    mask_sampler = main_dino.build_mask_sampler(args)
     runtime.setup_run(args, deterministic=args.deterministic)
 
     # ============ data ... ============
@@ -277,7 +224,7 @@ def train_distill(args: argparse.Namespace) -> None:
     student = DistillStudent(backbone, head, ibot_head, CLSTokenLoss(dim, t_dim)).to(args.device)
     main_dino.speed_setup(args, student.backbone, t_backbone)
     if args.compile:
-        compile_forward_features(student.backbone, t_backbone)
+        ssl_meta_arch.compile_forward_features(student.backbone, t_backbone)
     # BN heads (--use_bn_in_head) normalise over the global batch, as in main_dino.py; the frozen teacher's heads
     # use their running statistics, which SyncBatchNorm would not change
     student, _ = engine.distribute(student, args.device)

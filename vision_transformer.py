@@ -15,7 +15,7 @@ Differences from the official file, none of which changes a state_dict key or an
 What DINOv2's ViT adds, off by default (then keys and outputs are the official DINO ones): register tokens
 (`num_register_tokens`), LayerScale (`init_values`, keys `ls1.gamma`/`ls2.gamma`), a SwiGLU feed-forward
 (`ffn_layer="swiglu"`, ViT-g), and DINOv2's position-embedding interpolation options (`interpolate_antialias`,
-`interpolate_offset`). `dinov2_vits14`, ..., `dinov2_vitg14_reg4` build the backbones of Meta's released DINOv2
+`interpolate_offset`), and the same drop-path rate in every block (`drop_path_uniform`). `dinov2_vits14`, ..., `dinov2_vitg14_reg4` build the backbones of Meta's released DINOv2
 files, which load into them with strict=True and give DINOv2's features; `forward_tokens` returns DINOv2's
 `forward_features` dict (normalised CLS, registers and patch tokens by name).
 """
@@ -184,7 +184,8 @@ class VisionTransformer(nn.Module):
                  num_heads=12, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop_rate=0., attn_drop_rate=0.,
                  drop_path_rate=0., norm_layer=nn.LayerNorm, masked_im_modeling: bool = False,
                  num_register_tokens: int = 0, init_values: Optional[float] = None, ffn_layer: str = "mlp",
-                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1, **kwargs):
+                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1,
+                 drop_path_uniform: bool = False, **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"VisionTransformer got unexpected keyword arguments: {sorted(kwargs)}")
@@ -203,7 +204,10 @@ class VisionTransformer(nn.Module):
             self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay rule
+        if drop_path_uniform:  # DINOv2's option: the same rate in every block
+            dpr = [drop_path_rate] * depth
+        else:  # stochastic depth decay rule
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,

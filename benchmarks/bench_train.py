@@ -278,8 +278,8 @@ def run_ours(bench, device, torch, synthetic):
 
     # ---- the real loop, timed
     timed = TimedLoader(loader, n_batches, device)
-    dino_step, after_step = main_dino.dino_step(student, teacher, run.teacher_without_ddp, dino_loss,
-                                                run.momentum_schedule)
+    dino_step = main_dino.dino_step(student, teacher, run.teacher_without_ddp, dino_loss)
+    after_step = main_dino.ema_update(student, run.teacher_without_ddp, run.momentum_schedule)
     stats = engine.train_one_epoch(dino_step, student, optimizer, timed, run.lr_schedule, run.wd_schedule,
                                    bench.epoch, args, after_step=after_step, precision=run.precision)
 

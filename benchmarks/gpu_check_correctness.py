@@ -132,8 +132,8 @@ def dino_steps(cfg: dict, device: torch.device, precision: str, work: str, steps
     crops = [torch.randn(b, 3, cfg["global_size"], cfg["global_size"], generator=g) for _ in range(2)]
     crops += [torch.randn(b, 3, cfg["local_size"], cfg["local_size"], generator=g) for _ in range(cfg["local_crops"])]
     loader = [(crops, torch.zeros(b, dtype=torch.long), [""] * b)] * steps
-    step, after_step = main_dino.dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss,
-                                           run.momentum_schedule)
+    step = main_dino.dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss)
+    after_step = main_dino.ema_update(run.student, run.teacher_without_ddp, run.momentum_schedule)
     losses = []
 
     def recorded(batch, epoch, it):

@@ -7,6 +7,8 @@ iterations), usable alone, e.g. for the iBOT patch targets of the masked tokens.
 
 Self-contained (torch and numpy only): copy this file alone into other code.
 """
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -109,7 +111,9 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                teacher_temp: Optional[float] = None) -> torch.Tensor:
+        """`teacher_temp`, when given, replaces the per-epoch schedule (DINOv2 warms it up per iteration)."""
         n_teacher = 2
         if student_output.shape[0] % self.ncrops or teacher_output.shape[0] % n_teacher:
             raise ValueError(f"DINOLoss: {student_output.shape[0]} student rows are not {self.ncrops} crops, "
@@ -119,7 +123,7 @@ class DINOLoss(nn.Module):
         student_logp = student_logp.chunk(self.ncrops)
 
         # Teacher centring and sharpening (or Sinkhorn-Knopp over both global crops, as DINOv2).
-        temp = self.teacher_temp(epoch)
+        temp = self.teacher_temp(epoch) if teacher_temp is None else teacher_temp
         if self.centering == "sinkhorn_knopp":
             teacher_probs = sinkhorn_knopp(teacher_output, temp)
         else:

@@ -56,14 +56,14 @@ class iBOTPatchLoss(nn.Module):
 
     def forward(self, student_patch_logits: torch.Tensor, teacher_patch_logits: Optional[torch.Tensor],
                 masks: torch.Tensor, epoch: int, teacher_probs: Optional[torch.Tensor] = None,
-                mask_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask_index: Optional[torch.Tensor] = None, teacher_temp: Optional[float] = None) -> torch.Tensor:
         """student_patch_logits, teacher_patch_logits: [B, N, K], or [M, K] = only the M masked rows in
         `tensor[masks]` order (cheaper: the heads then run on the masked tokens only); masks: [B, N] bool
         (True = masked in the student's input). teacher_probs: [B, N, K] or [M, K] (e.g. what
         `sinkhorn_knopp(teacher_masked_logits, temp)` returns); with it the teacher logits may be None.
         mask_index (optional, with [M, K] inputs): the flat indices of the True entries of `masks`
         (`masks.reshape(-1).nonzero().squeeze(1)`, made on the CPU): no host synchronisation on a GPU, where
-        boolean indexing must first read M. Returns a float32 scalar; no gradient reaches the teacher."""
+        boolean indexing must first read M. teacher_temp (optional): replaces the per-epoch schedule. Returns a float32 scalar; no gradient reaches the teacher."""
         if masks.dim() != 2 or student_patch_logits.dim() not in (2, 3) or (
                 student_patch_logits.dim() == 3 and student_patch_logits.shape[:2] != masks.shape):
             raise ValueError(f"iBOTPatchLoss: student logits {tuple(student_patch_logits.shape)} must be [B, N, K] "
@@ -81,7 +81,8 @@ class iBOTPatchLoss(nn.Module):
                                      "or [M, K]) when teacher_probs is not given")
                 teacher = teacher_patch_logits.detach()
                 teacher = (teacher[masks] if teacher.dim() == 3 else teacher).float()
-                probs = F.softmax((teacher - self.center.view(1, -1)) / self.teacher_temp(epoch), dim=-1)
+                temp = self.teacher_temp(epoch) if teacher_temp is None else teacher_temp
+                probs = F.softmax((teacher - self.center.view(1, -1)) / temp, dim=-1)
             else:
                 probs = teacher_probs.detach()
                 if probs.dim() == 3:

@@ -385,7 +385,7 @@ def two_rank_worker(out_dir: str) -> None:
 # Defect 6 and 8 in distillation: --compile reaches forward_features, SyncBN, masked rows without a host sync
 # --------------------------------------------------------------------------------------------------
 def test_compile_forward_features_compiles_what_distillation_runs(monkeypatch):
-    import main_distill
+    import ssl_meta_arch
     import vision_transformer as vits
     compiled = []
 
@@ -402,21 +402,21 @@ def test_compile_forward_features_compiles_what_distillation_runs(monkeypatch):
     student = vits.vit_nano(patch_size=16, masked_im_modeling=True)
     teacher = vits.vit_nano(patch_size=16)
     keys = [list(m.state_dict()) for m in (student, teacher)]
-    main_distill.compile_forward_features(student, teacher)
-    main_distill.compile_forward_features(student, teacher)  # idempotent
+    ssl_meta_arch.compile_forward_features(student, teacher)
+    ssl_meta_arch.compile_forward_features(student, teacher)  # idempotent
     assert len(compiled) == 2 and all(kw == {"dynamic": False} for _, kw in compiled)
     assert [list(m.state_dict()) for m in (student, teacher)] == keys
     x = torch.randn(2, 3, 32, 32)
     masks = torch.zeros(2, 4, dtype=torch.bool)
     masks[0, 1] = True
-    main_distill.tokens_and_grid(student, x, masks)
-    main_distill.tokens_and_grid(teacher, x)
+    ssl_meta_arch.tokens_and_grid(student, x, masks)
+    ssl_meta_arch.tokens_and_grid(teacher, x)
     student(x)  # the local crops' path (forward) goes through the compiled forward_features too
     assert student.forward_features.calls == 2 and teacher.forward_features.calls == 1
 
 
 def test_masked_rows_by_index_equal_boolean_indexing():
-    import main_distill
+    import ssl_meta_arch
     import masking
     from losses import iBOTPatchLoss
     g = torch.Generator().manual_seed(0)
@@ -427,7 +427,7 @@ def test_masked_rows_by_index_equal_boolean_indexing():
         [(([torch.zeros(1)], m), t, e) for (_, m), t, e in samples])
     crop_major = masks.transpose(0, 1).flatten(0, 1)
     tokens = torch.randn(2 * b, n, d, generator=g)
-    assert torch.equal(main_distill.masked_rows(tokens, crop_major, mask_index), tokens[crop_major])
+    assert torch.equal(ssl_meta_arch.masked_rows(tokens, crop_major, mask_index), tokens[crop_major])
     student = torch.randn(int(crop_major.sum()), 8, generator=g)
     teacher = torch.randn(int(crop_major.sum()), 8, generator=g)
     losses = [iBOTPatchLoss(8)(student, teacher, crop_major, 0, mask_index=idx) for idx in (None, mask_index)]

@@ -9,6 +9,7 @@ from conftest import (DISTILL_LOSSES as LOSSES, assert_one_error_line, distill_c
                       main_dino_teacher, parse, read_log, run_cmd, torchrun)
 import eval_knn
 import main_distill
+import ssl_meta_arch
 import backbones
 import utils
 
@@ -96,7 +97,7 @@ def test_teacher_tokens_are_meta_tokens(tmp_path):
     model, _ = backbones.build_backbone("vit_small_patch16_dinov3")
     utils.load_pretrained_weights(model, str(tmp_path / "m.pth"), None)
     x = torch.randn(2, 3, 64, 48)
-    cls, patches, grid = main_distill.tokens_and_grid(model.eval(), x)
+    cls, patches, grid = ssl_meta_arch.tokens_and_grid(model.eval(), x)
     expected = reference.eval().forward_features(x)
     assert grid == (4, 3) and patches.shape == (2, 12, 384)
     torch.testing.assert_close(cls, expected["x_norm_clstoken"], atol=1e-4, rtol=1e-4)

@@ -1,6 +1,6 @@
 """The whole training loop against the official one: same weights in, same weights out.
 
-Our `main_dino.build_training` + `main_dino.dino_step` in `engine.train_one_epoch` and the official loop (rebuilt from
+Our `main_dino.build_training` + `main_dino.dino_step` / `ema_update` in `engine.train_one_epoch` and the official loop (rebuilt from
 tests/official_dino.py: explicit attention, weight_norm head, per-pair loss, per-parameter clipping,
 cancelled last-layer gradients, torch AdamW, Python-loop EMA) run the same steps on the same batches,
 across the frozen-last-layer epoch and the next one. Any difference in schedules, clipping, freezing,
@@ -50,8 +50,8 @@ def test_training_loop_matches_official_over_two_epochs():
             for _ in range(2)]
     for epoch in range(2):  # epoch 0 has the last layer frozen, epoch 1 trains it
         loader = [(images, torch.zeros(batch), [""] * batch) for images in data[epoch]]
-        step, after_step = main_dino.dino_step(ours.student, ours.teacher, ours.teacher_without_ddp, ours.dino_loss,
-                                               ours.momentum_schedule)
+        step = main_dino.dino_step(ours.student, ours.teacher, ours.teacher_without_ddp, ours.dino_loss)
+        after_step = main_dino.ema_update(ours.student, ours.teacher_without_ddp, ours.momentum_schedule)
         engine.train_one_epoch(step, ours.student, ours.optimizer, loader, ours.lr_schedule, ours.wd_schedule, epoch,
                                args, after_step=after_step)
         official_loader = [(images, labels) for images, labels, _ in loader]
