@@ -10,13 +10,16 @@ Per step (device tensors, read lazily by the MetricLogger and the Tracker: no ho
 - `kl`: the mean KL(teacher || student) over the loss's view pairs. DINO's cross-entropy is the teacher
   entropy plus this KL, so `kl` is the loss minus `teacher_entropy` (same probabilities, pairs, temperatures);
 - `feature_spread`: the standard deviation across the batch of the l2-normalised backbone CLS features, times
-  sqrt(dim) (the root of their total variance): about 1 when they spread, 0 when they collapse to a point.
+  sqrt(dim) (the root of their total variance): about 1 when they spread, 0 when they collapse to a point;
+- with DINOv2's objective, `ibot_teacher_entropy`, `ibot_teacher_entropy_frac`, `ibot_prototypes_in_use` and
+  `ibot_kl`: the same of the iBOT targets at the masked patches (the KL per masked image).
 
 Per epoch: `rankme`, RankMe (Garrido et al., ICML 2023), exp of the entropy of the normalised singular values
 of the backbone embeddings of a fixed probe set (the same up to 1,024 training images, eval transform).
 
 `CollapseDetector`: uniform collapse (teacher entropy near ln K and KL near 0) or single-prototype collapse
-(about one prototype in use, or feature spread near 0) held for a window after a warm-up prints one
+(about one prototype in use, or feature spread near 0), of the DINO head or of the iBOT targets ("iBOT uniform",
+"iBOT single-prototype"), held for a window after a warm-up prints one
 `WARNING: collapse` line; with --stop_on_collapse the run stops (all ranks), the last checkpoint untouched.
 """
 import argparse
