@@ -214,7 +214,8 @@ def train_distill(args: argparse.Namespace) -> None:
     # ============ teacher and student ... ============
     t_backbone, t_head, t_ibot_head, t_dim, teacher_hash = build_teacher(args)
     utils.fix_random_seeds(args.seed + args.rank)  # the student's initialisation does not depend on the teacher's
-    backbone, dim = backbones.build_backbone(args.arch, args.patch_size, args.drop_path_rate, masked_im_modeling=True)
+    backbone, dim = backbones.build_backbone(args.arch, args.patch_size, args.drop_path_rate,
+                                             **main_dino.vit_options(args, masks=True))
     head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
     ibot_head = vits.DINOHead(dim, args.out_dim, use_bn=args.use_bn_in_head,
                               norm_last_layer=args.norm_last_layer) if args.ibot_separate_head else None
@@ -242,7 +243,9 @@ def train_distill(args: argparse.Namespace) -> None:
     }
     for fn in loss_fns.values():
         fn.to(args.device)
-    optimizer = main_dino.build_optimizer(args, student)
+    # DINOv2's groups when its layer-wise decay or patch-embedding multiplier is asked for
+    optimizer = main_dino.build_optimizer(args, student, dinov2_groups=args.layerwise_decay != 1
+                                          or args.patch_embed_lr_mult != 1)
     precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
     print(f"Precision: {precision.description}.")
     lr_schedule, wd_schedule = main_dino.build_schedules(args, niter_per_ep)
