@@ -264,8 +264,7 @@ def build_mask_sampler(args: argparse.Namespace) -> masking.BlockMaskSampler:
                                            mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
     except ValueError as e:  # a flag out of range: the message names it
         raise utils.UserError(str(e)) from None
-    low, high = sampler.mask_ratio
-    cells = sampler.num_cells
+    high, cells = sampler.mask_ratio[1], sampler.num_cells
     if args.mask_probability == 0 or sampler.num_masked_cells(high) == 0:
         raise utils.UserError(
             f"--mask_probability {args.mask_probability} with --mask_ratio {' '.join(map(str, args.mask_ratio))} "

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import reference_dinov2_train as ref  # tests/ is on sys.path (conftest.py)
-from conftest import DINO_FAST, assert_one_error_line, main_dino as main_dino_cmd, read_log, run_cmd, torchrun, with_flags
+from conftest import (DINO_FAST, DINO_TIMING_KEYS, after_first_epoch, assert_one_error_line, assert_same_run,
+                      main_dino as main_dino_cmd, read_log, run_cmd, torchrun, with_flags)
 
 import engine
 import main_dino
@@ -288,6 +289,24 @@ def test_short_dinov2_run_logs_every_term_and_resumes_its_losses(cifar_40, tmp_p
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["ibot_loss"]["center"].abs().sum() > 0 and "module.backbone.mask_token" in ckpt["student"]
     assert any(k.startswith("backbone.") for k in ckpt["teacher"])
+
+
+def test_resume_after_an_epoch_equals_the_run_never_stopped(cifar_40, tmp_path):
+    """DINOv2's objective resumed from its first epoch's checkpoint ends bit-identical to the run never stopped:
+    weights, AdamW state, log, and both centres (the iBOT centre too). With --mask_probability 0.5 some crops are
+    masked and some not, as the masks are seeded per sample."""
+    flags = [*with_flags(DINO_FAST, epochs=2, out_dim=64, saveckp_freq=1), "--ibot_loss_weight", "1",
+             "--koleo_loss_weight", "0.1", "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.06",
+             "--warmup_teacher_temp_epochs", "2"]
+    reference = tmp_path / "reference"
+    run_cmd(main_dino_cmd("--data_path", cifar_40, "--output_dir", reference, *flags))
+    resumed = after_first_epoch(reference, tmp_path / "resumed")
+    proc = run_cmd(main_dino_cmd("--data_path", cifar_40, "--output_dir", resumed, *flags))
+    assert "Epoch: [0/2]" not in proc.stdout  # epoch 0 was not trained again
+    a, b = assert_same_run(reference, resumed, "checkpoint.pth", ("teacher", "student"), "exp_avg",
+                           DINO_TIMING_KEYS)
+    for loss in ("dino_loss", "ibot_loss"):
+        assert torch.equal(a[loss]["center"], b[loss]["center"]), loss
 
 
 def test_mask_sampler_flags():
