@@ -208,7 +208,8 @@ def _entry_point(where, evil, tmp_path, cifar_40):
     if where == "main_distill_teacher":
         return main_distill.train_distill, parse(
             main_distill, "--data_path", cifar_40, "--output_dir", tmp_path / "run", "--epochs", 1,
-            "--teacher_arch", "vit_tiny", "--teacher_patch_size", 8, "--teacher_weights", evil, *DINO_FAST)
+            "--teacher_arch", "vit_tiny", "--teacher_patch_size", 8, "--teacher_weights", evil, *DINO_FAST,
+            "--mask_patch_size", 8)  # 32 px mask cells would tile a 32 px crop with 1 cell: no patch masked
     if where == "eval_knn":
         return eval_knn.eval_knn, parse(eval_knn, *VIT, "--pretrained_weights", evil, "--data_path", split,
                                         "--num_workers", 0)
