@@ -212,14 +212,19 @@ def params_groups_with_decay(model: nn.Module, layerwise_decay: float = 1.0, pat
 @torch.no_grad()
 def clip_gradients_per_module(model: nn.Module, clip: float) -> torch.Tensor:
     """DINOv2's clipping: the total gradient norm of each child module (backbone, DINO head, iBOT head) is
-    clipped to `clip` on its own. Returns the per-parameter norms before clipping (as utils.clip_gradients)."""
-    norms = utils.grad_norms(model)[1]
+    clipped to `clip` on its own, as torch.nn.utils.clip_grad_norm_ does it (coefficient clip / (norm + 1e-6), at
+    most 1), from one pass of per-parameter norms. Returns those norms before clipping (as utils.clip_gradients),
+    in the order of model.parameters()."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    all_norms = []
     for sub in model.children():
-        params = [p for p in sub.parameters() if p.grad is not None]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-    return norms if norms is not None else torch.zeros(0)
+        grads, norms = utils.grad_norms(sub)
+        if norms is None:
+            continue
+        coef = (clip / (norms.norm() + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(grads, coef)
+        all_norms.append(norms)
+    return torch.cat(all_norms) if all_norms else torch.zeros(0)
 
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_iters: int,
