@@ -100,11 +100,13 @@ def dino_signals(teacher_logp: torch.Tensor, loss: torch.Tensor, features: Optio
     entropy = entropies.mean()
     mean_q = q.mean(dim=0)
     batch_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
-    out = {prefix + "teacher_entropy": entropy, prefix + "teacher_entropy_frac": entropy / math.log(logq.shape[-1]),
-           prefix + "prototypes_in_use": batch_entropy.exp(), prefix + "kl": loss.detach().float() - entropy}
-    if loss_weights is not None:
+    if loss_weights is None:
+        kl = loss.detach().float() - entropy
+    else:
         weights = loss_weights.float()
-        out[prefix + "kl"] = (loss.detach().float() - (entropies * weights).sum()) / weights.sum()
+        kl = (loss.detach().float() - (entropies * weights).sum()) / weights.sum()
+    out = {prefix + "teacher_entropy": entropy, prefix + "teacher_entropy_frac": entropy / math.log(logq.shape[-1]),
+           prefix + "prototypes_in_use": batch_entropy.exp(), prefix + "kl": kl}
     if features is not None:
         out["feature_spread"] = feature_spread(features)
     return out
