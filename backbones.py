@@ -6,6 +6,7 @@
   classification model, or any timm model, without classifier, and its feature width. Never downloads.
 - `build_eval_model(...)`: a backbone with loaded weights, frozen, in eval mode (eval_knn.py, eval_linear.py).
 - `extract_features(...)`: the features of a whole dataset, in dataset order, on every rank.
+- `patch_features(...)`: the feature maps of the last layers (visualize_features.py, eval_segmentation.py).
 - `linear_features(...)`, `LinearClassifier`, `LinearHeads` and `load_linear_weights`: the official
   linear-probe features, classifier and weight files (eval_linear.py and the `_lc` entry points of hubconf.py).
 
@@ -197,6 +198,48 @@ def build_eval_model(arch: str, patch_size: int, pretrained_weights: str, checkp
     model.eval().requires_grad_(False)
     print(f"Model {arch} {patch_size}x{patch_size} built.")
     return model.to(device)
+
+
+@torch.no_grad()
+def patch_features(model: nn.Module, images: torch.Tensor, arch: str, n_last_blocks: int = 1) -> List[torch.Tensor]:
+    """The features at every position of the last `n_last_blocks` layers, each [B, h, w, D] (oldest first). Our
+    ViTs: the normalised patch tokens of each block (get_intermediate_layers, registers and CLS dropped), as
+    DINOv2's dense evaluations take them; timm models: the same for timm ViTs, else forward_features; torchvision
+    convnets: the feature map before global pooling (one layer only)."""
+    B, _, H, W = images.shape
+    if is_vit(arch):
+        patch_size = model.patch_embed.patch_size
+        layers = (model.get_intermediate_layers(images, n_last_blocks) if n_last_blocks > 1
+                  else [model.forward_features(images)])  # forward_features: one norm pass, fused paths
+        return [x[:, model.num_prefix_tokens:].reshape(B, H // patch_size, W // patch_size, -1) for x in layers]
+    if type(model).__module__.startswith("timm."):
+        if n_last_blocks > 1 and hasattr(model, "get_intermediate_layers"):  # timm ViTs: [B, D, h, w] each
+            return [x.permute(0, 2, 3, 1) for x in
+                    model.get_intermediate_layers(images, n_last_blocks, reshape=True, norm=True)]
+        _one_layer(arch, n_last_blocks)
+        out = model.forward_features(images)
+        if out.ndim == 3:  # a ViT: [B, prefix + h * w, D]
+            ph, pw = model.patch_embed.patch_size
+            return [out[:, getattr(model, "num_prefix_tokens", 1):].reshape(B, H // ph, W // pw, -1)]
+        if out.ndim != 4:
+            raise UserError(f"--arch {arch} gives no feature map (forward_features has shape {tuple(out.shape)}): "
+                            f"use a model with a patch grid, e.g. one of our ViTs ({OUR_VITS}) or a ResNet")
+        return [out if getattr(model, "output_fmt", "NCHW") == "NHWC" else out.permute(0, 2, 3, 1)]
+    _one_layer(arch, n_last_blocks)
+    if hasattr(model, "layer4"):  # torchvision ResNets: everything before the global average pooling
+        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                              model.layer1, model.layer2, model.layer3, model.layer4)
+        return [trunk(images).permute(0, 2, 3, 1)]
+    if isinstance(getattr(model, "features", None), nn.Module):  # VGG, DenseNet, MobileNet, EfficientNet...
+        return [model.features(images).permute(0, 2, 3, 1)]
+    raise UserError(f"--arch {arch}: cannot find the last feature map (a patch grid) of this model; use one of our "
+                    f"ViTs ({OUR_VITS}), a timm model or a torchvision ResNet")
+
+
+def _one_layer(arch: str, n_last_blocks: int) -> None:
+    if n_last_blocks > 1:
+        raise UserError(f"--arch {arch} gives the features of its last layer only: the last {n_last_blocks} layers "
+                        "need a ViT (ours or timm's); use --n_last_blocks 1")
 
 
 def gather_in_order(local: torch.Tensor, num_samples: int, chunk_rows: int = 4096) -> torch.Tensor:

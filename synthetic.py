@@ -1,6 +1,7 @@
 # Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
 """The default dataset, generated offline: 10 classes of shapes (`synthetic_image`), written once as an
-ImageFolder tree (`make_synthetic_dataset`) and read by `--data_path synthetic` like any other folder.
+ImageFolder tree (`make_synthetic_dataset`) and read by `--data_path synthetic` like any other folder; the same
+images with their segmentation masks (`make_synthetic_segmentation`), eval_segmentation.py's `synthetic`.
 
 Imports numpy, PIL and the standard library only.
 """
@@ -10,7 +11,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -96,9 +97,9 @@ def _area_at_unit_radius(name: str) -> float:
     _draw_shape(ImageDraw.Draw(mask), name, n / 2, n / 2, n / 4, 0.3, 255, 0)
     return float((np.asarray(mask) > 127).mean()) * 16
 
-def synthetic_image(class_index: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """One image of class `class_index`: `SHAPES_PER_IMAGE` shapes of the class at random positions and
-    rotations, each of area `SHAPE_AREA` x the image, light on dark, with noise (see above)."""
+def _shapes_and_mask(class_index: int, rng: np.random.Generator, size: int) -> Tuple[Image.Image, np.ndarray]:
+    """The image of `synthetic_image` and its coverage: [size, size] float32, the share of each pixel the
+    shapes cover (their anti-aliased edges are fractions). Draws from `rng` exactly as the image alone does."""
     ss = 4  # draw at 4x the size, then box-downsample: anti-aliased edges
     big = size * ss
     name = SYNTHETIC_CLASSES[class_index]
@@ -111,38 +112,35 @@ def synthetic_image(class_index: int, rng: np.random.Generator, size: int = 64) 
     alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255
     grey = BACKGROUND + (FOREGROUND - BACKGROUND) * alpha + rng.normal(0, NOISE, (size, size))
     grey = np.clip(np.round(grey * 255), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB"), alpha
+
+def synthetic_image(class_index: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """One image of class `class_index`: `SHAPES_PER_IMAGE` shapes of the class at random positions and
+    rotations, each of area `SHAPE_AREA` x the image, light on dark, with noise (see above)."""
+    return _shapes_and_mask(class_index, rng, size)[0]
+
+def synthetic_image_and_mask(class_index: int, rng: np.random.Generator,
+                             size: int = 64) -> Tuple[Image.Image, Image.Image]:
+    """`synthetic_image` (the same image for the same `rng`) and its segmentation mask: a mode "L" image of class
+    indices, 0 for the background and 1 + `class_index` where the shapes cover at least half of a pixel."""
+    image, alpha = _shapes_and_mask(class_index, rng, size)
+    return image, Image.fromarray(np.where(alpha >= 0.5, class_index + 1, 0).astype(np.uint8), mode="L")
 
 def default_synthetic_root() -> str:
     return os.environ.get("DINO_SYNTHETIC_ROOT", os.path.join(REPO_ROOT, "data_cache"))
 
-def make_synthetic_dataset(cache_dir: Optional[str] = None, num_train_per_class: int = 300,
-                           num_val_per_class: int = 60, image_size: int = 64, seed: int = 0) -> str:
-    """Write (once) a 10-class shapes dataset as `<cache>/synthetic-.../{train,val}/<class>/*.png`.
-
-    Deterministic for a given seed; reused when already complete. Safe when several processes call it
-    at once (each writes to a temporary folder and renames it into place). Returns the dataset root.
-    """
+def _write_once(cache_dir: Optional[str], name: str, params: dict, write: Callable[[str], None]) -> str:
+    """`<cache>/<name>`, written once by `write(folder)` with `params` in its dataset.json; reused when complete.
+    Safe when several processes call it at once (each writes a temporary folder and renames it into place)."""
     cache_dir = cache_dir or default_synthetic_root()
-    name = (f"synthetic-shapes-v{SYNTHETIC_VERSION}-s{image_size}-n{num_train_per_class}-{num_val_per_class}"
-            f"-seed{seed}")
     root = os.path.join(cache_dir, name)
-    params = {"classes": list(SYNTHETIC_CLASSES), "train_per_class": num_train_per_class,
-              "val_per_class": num_val_per_class, "image_size": image_size, "seed": seed, "version": SYNTHETIC_VERSION}
     marker = os.path.join(root, "dataset.json")
     if os.path.isfile(marker):
         return root
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir)
     try:
-        for split, per_class, split_seed in (("train", num_train_per_class, 0), ("val", num_val_per_class, 1)):
-            for c, cls in enumerate(SYNTHETIC_CLASSES):
-                folder = os.path.join(tmp, split, cls)
-                os.makedirs(folder)
-                rng = np.random.default_rng([seed, split_seed, c])
-                for i in range(per_class):
-                    # PNG: JPEG would ring around the sharp edges
-                    synthetic_image(c, rng, image_size).save(os.path.join(folder, f"{cls}_{i:05d}.png"))
+        write(tmp)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(params, f, indent=1)
         try:
@@ -155,3 +153,51 @@ def make_synthetic_dataset(cache_dir: Optional[str] = None, num_train_per_class:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+def _splits(num_train_per_class: int, num_val_per_class: int, seed: int):
+    """(split, class index, class name, image index, rng) of every image, in the order the rngs are consumed."""
+    for split, per_class, split_seed in (("train", num_train_per_class, 0), ("val", num_val_per_class, 1)):
+        for c, cls in enumerate(SYNTHETIC_CLASSES):
+            rng = np.random.default_rng([seed, split_seed, c])
+            for i in range(per_class):
+                yield split, c, cls, i, rng
+
+def _name(kind: str, image_size: int, num_train_per_class: int, num_val_per_class: int, seed: int) -> str:
+    return (f"synthetic-{kind}-v{SYNTHETIC_VERSION}-s{image_size}-n{num_train_per_class}-{num_val_per_class}"
+            f"-seed{seed}")
+
+def make_synthetic_dataset(cache_dir: Optional[str] = None, num_train_per_class: int = 300,
+                           num_val_per_class: int = 60, image_size: int = 64, seed: int = 0) -> str:
+    """Write (once) a 10-class shapes dataset as `<cache>/synthetic-.../{train,val}/<class>/*.png`.
+
+    Deterministic for a given seed; reused when already complete. Safe when several processes call it
+    at once. Returns the dataset root.
+    """
+    params = {"classes": list(SYNTHETIC_CLASSES), "train_per_class": num_train_per_class,
+              "val_per_class": num_val_per_class, "image_size": image_size, "seed": seed, "version": SYNTHETIC_VERSION}
+
+    def write(folder: str) -> None:
+        for split, c, cls, i, rng in _splits(num_train_per_class, num_val_per_class, seed):
+            os.makedirs(os.path.join(folder, split, cls), exist_ok=True)
+            # PNG: JPEG would ring around the sharp edges
+            synthetic_image(c, rng, image_size).save(os.path.join(folder, split, cls, f"{cls}_{i:05d}.png"))
+    return _write_once(cache_dir, _name("shapes", image_size, num_train_per_class, num_val_per_class, seed),
+                       params, write)
+
+def make_synthetic_segmentation(cache_dir: Optional[str] = None, num_train_per_class: int = 300,
+                                num_val_per_class: int = 60, image_size: int = 64, seed: int = 0) -> str:
+    """Write (once) the images of `make_synthetic_dataset` (the same pixels, for the same arguments) with their
+    masks, as `<cache>/synthetic-shapes-seg-.../{train,val}/{images,masks}/<class>_<i>.png`: a dense benchmark of
+    11 classes (0 background, 1 + the index of each shape kind in SYNTHETIC_CLASSES). Returns the root."""
+    classes = ["background"] + list(SYNTHETIC_CLASSES)
+    params = {"classes": classes, "train_per_class": num_train_per_class, "val_per_class": num_val_per_class,
+              "image_size": image_size, "seed": seed, "version": SYNTHETIC_VERSION}
+
+    def write(folder: str) -> None:
+        for split, c, cls, i, rng in _splits(num_train_per_class, num_val_per_class, seed):
+            image, mask = synthetic_image_and_mask(c, rng, image_size)
+            for kind, picture in (("images", image), ("masks", mask)):
+                os.makedirs(os.path.join(folder, split, kind), exist_ok=True)
+                picture.save(os.path.join(folder, split, kind, f"{cls}_{i:05d}.png"))
+    return _write_once(cache_dir, _name("shapes-seg", image_size, num_train_per_class, num_val_per_class, seed),
+                       params, write)

@@ -131,32 +131,6 @@ def show_path(path: str, transform) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Patch features and their PCA
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def feature_map(model: nn.Module, images: torch.Tensor, arch: str) -> torch.Tensor:
-    """The last layer's features at every position: [B, h, w, D]. Our ViTs: the normalised patch tokens of the
-    last block; timm models: forward_features (prefix tokens dropped); torchvision convnets: the feature map
-    before global pooling."""
-    B, _, H, W = images.shape
-    if backbones.is_vit(arch):  # the patch tokens, after the CLS token and any registers
-        patch_size = model.patch_embed.patch_size
-        tokens = model.forward_features(images)[:, model.num_prefix_tokens:]
-        return tokens.reshape(B, H // patch_size, W // patch_size, -1)
-    if type(model).__module__.startswith("timm."):
-        out = model.forward_features(images)
-        if out.ndim == 3:  # a ViT: [B, prefix + h * w, D]
-            ph, pw = model.patch_embed.patch_size
-            return out[:, getattr(model, "num_prefix_tokens", 1):].reshape(B, H // ph, W // pw, -1)
-        return out if getattr(model, "output_fmt", "NCHW") == "NHWC" else out.permute(0, 2, 3, 1)
-    if hasattr(model, "layer4"):  # torchvision ResNets: everything before the global average pooling
-        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
-                              model.layer1, model.layer2, model.layer3, model.layer4)
-        return trunk(images).permute(0, 2, 3, 1)
-    if isinstance(getattr(model, "features", None), nn.Module):  # VGG, DenseNet, MobileNet, EfficientNet...
-        return model.features(images).permute(0, 2, 3, 1)
-    raise UserError(f"--arch {arch}: cannot find the last feature map of this model; use one of our ViTs "
-                    f"({backbones.OUR_VITS}), a timm model or a torchvision ResNet")
-
-
 def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:
     """`x` [M, D] projected on its first `n` principal components: [M, n]. Exact (eigenvectors of the D x D
     covariance, in float64), so the same patches give the same maps on any machine; each component's sign puts
@@ -323,7 +297,7 @@ def run_pca(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         images, kept = load_from_dataset(dataset, sample(len(dataset), args.num_images, args.seed))
         names = [dataset.samples[i][0] for i in kept]
     model = build_model(args, device)
-    maps = torch.cat([feature_map(model, batch.to(device), args.arch).float().cpu()
+    maps = torch.cat([backbones.patch_features(model, batch.to(device), args.arch)[0].float().cpu()
                       for batch in images.split(args.batch_size_per_gpu)])
     rgb, foreground = pca_maps(maps, args.bg_threshold)
     pairs = []

@@ -70,9 +70,9 @@ def test_pca_first_component_rises_towards_the_object():
 def test_feature_maps_of_vit_and_resnet():
     images = torch.randn(2, 3, 64, 96)
     vit = backbones.build_eval_model("vit_tiny", 16, "", None, torch.device("cpu"))
-    assert vf.feature_map(vit, images, "vit_tiny").shape == (2, 4, 6, 192)
+    assert backbones.patch_features(vit, images, "vit_tiny")[0].shape == (2, 4, 6, 192)
     resnet = backbones.build_eval_model("resnet18", 16, "", None, torch.device("cpu"))
-    maps = vf.feature_map(resnet, images, "resnet18")
+    maps = backbones.patch_features(resnet, images, "resnet18")[0]
     assert maps.shape == (2, 2, 3, 512)
     # the global feature of a ResNet is the mean of this map
     assert torch.allclose(maps.mean(dim=(1, 2)), resnet(images), atol=1e-5)
