@@ -1,5 +1,6 @@
 # Copyright (c) the contributors of this project. Licensed under the Apache License 2.0.
-"""Run main_dino.py (or main_distill.py, eval_linear.py, eval_knn.py) on SLURM with submitit.
+"""Run main_dino.py (or main_distill.py, eval_linear.py, eval_segmentation.py, eval_knn.py, extract_features.py) on
+SLURM with submitit.
 
     python run_with_submitit.py --nodes 2 --ngpus 8 --arch vit_small --data_path /path/to/imagenet/train \\
         --job_dir /checkpoint/$USER/dino/%j
@@ -33,6 +34,7 @@ SCRIPTS = {
     "main_dino.py": ("main_dino", "train_dino"),
     "main_distill.py": ("main_distill", "train_distill"),
     "eval_linear.py": ("eval_linear", "eval_linear"),
+    "eval_segmentation.py": ("eval_segmentation", "eval_segmentation"),
     "eval_knn.py": ("eval_knn", "eval_knn"),
     "extract_features.py": ("extract_features", "extract_features"),
 }

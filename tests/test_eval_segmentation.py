@@ -280,3 +280,12 @@ def test_bad_backbones_and_flags_end_in_one_line(shapes, tmp_path):
                     "--output_dir", tmp_path / "e"], check=False)
     assert_one_error_line(proc, "learning rates must be positive")
     assert re.search("error: learning rates must be positive, got \\[0.0\\]", proc.stderr)
+
+
+def test_submitit_takes_the_script_and_checks_its_flags():
+    import run_with_submitit
+    own, args = run_with_submitit.parse_args(["--script", "eval_segmentation.py", "--data_path", "synthetic",
+                                              "--n_last_blocks", "4", "--lrs", "1e-3", "1e-2"])
+    assert own.script == "eval_segmentation.py" and args.n_last_blocks == 4 and args.lrs == [1e-3, 1e-2]
+    with pytest.raises(utils.UserError, match="--n_last_blocks must be at least 1"):
+        run_with_submitit.parse_args(["--script", "eval_segmentation.py", "--n_last_blocks", "0"])
