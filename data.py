@@ -335,7 +335,29 @@ def eval_transform(resize_size: int = 256, crop_size: int = 224):
     ])
 
 
-class LabeledDataset(Dataset):
+class SeededItems(Dataset):
+    """Items `self._item(index)` of `self.samples`, keyed by an index or by an EpochSampler's `(epoch, index)`:
+    with a `self.seed`, the latter runs `_item` under the per-sample seed of (seed, epoch, index), so that random
+    transforms are the same whatever the workers and wherever an epoch is resumed."""
+
+    samples: Sequence
+    seed: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        if self.seed is None or epoch is None:
+            return self._item(index)
+        with seeded_rng(sample_seed(self.seed, epoch, index)):
+            return self._item(index)
+
+    def _item(self, index: int):
+        raise NotImplementedError
+
+
+class LabeledDataset(SeededItems):
     """`(image, label, error)` for the images of an ImageFolder-style `base`, in dataset order.
 
     An image that cannot be decoded gives a zero image and `error` = "path: reason" (else ""), so that
@@ -355,16 +377,6 @@ class LabeledDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self._blank = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        if self.seed is None or epoch is None:
-            return self._item(index)
-        with seeded_rng(sample_seed(self.seed, epoch, index)):
-            return self._item(index)
 
     def _item(self, index: int):
         path, target = self.samples[index]

@@ -19,7 +19,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 import augmentations
 import data
@@ -136,7 +135,7 @@ def read_mask(path: str) -> Image.Image:
     raise ValueError(f"a mask must have one channel of class indices (mode L or P), this one is {mask.mode}")
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(data.SeededItems):
     """`(image, mask, error)` for the (image path, mask path) `samples`.
 
     `mask` holds class indices in [0, num_classes) and `ignore_index`. `error` is "" or says what is wrong with the
@@ -149,16 +148,6 @@ class SegmentationDataset(Dataset):
         self.samples, self.transform = list(samples), transform
         self.num_classes, self.ignore_index, self.reduce_zero_label = num_classes, ignore_index, reduce_zero_label
         self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        if self.seed is None or epoch is None:
-            return self._item(index)
-        with data.seeded_rng(data.sample_seed(self.seed, epoch, index)):
-            return self._item(index)
 
     def _blank(self, error: str):
         size = self.transform.crop_size
