@@ -8,7 +8,8 @@
 `--data_path` is anything `data.build_dataset` reads: an ImageFolder tree (labels kept), an unlabeled folder
 of images at any depth or a text file listing image paths (`--data_layout`), a packed file, `synthetic`.
 The model flags are eval_knn.py's (the same names, defaults and weight formats), so that the features are
-those eval_knn.py classifies.
+those eval_knn.py classifies. `--pretrained_weights model.onnx` (export_backbone.py's ONNX file) runs the
+exported graph with onnxruntime on the CPU instead, with the same features within the export's tolerance.
 
 Writes to --output_dir:
 - `features.npy`    [N, D] the CLS embedding of a ViT (model(images) for other models), L2-normalised unless
@@ -314,7 +315,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("give --data_path: the images to embed (a folder, a text file of paths, a packed file)")
     if args.chunk_size < 1 or args.batch_size_per_gpu < 1:
         raise UserError("--chunk_size and --batch_size_per_gpu must be at least 1")
-    if args.patch_tokens and not backbones.is_vit(args.arch):
+    if args.patch_tokens and not backbones.is_vit(args.arch) and not args.pretrained_weights.endswith(".onnx"):
         raise UserError(f"--patch_tokens true needs one of our ViTs ({backbones.OUR_VITS}); --arch "
                         f"{args.arch} has no patch tokens to average (its global feature is in features.npy)")
 
@@ -342,8 +343,16 @@ def extract_features(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     num_chunks = (len(dataset) + args.chunk_size - 1) // args.chunk_size
 
     # The model first: weights that do not fit stop here, before anything is written.
-    model = backbones.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
-                                       args.device)
+    if args.pretrained_weights.endswith(".onnx"):  # an export_backbone.py file, run by onnxruntime on the CPU
+        import exporting
+        model = exporting.OnnxBackbone(args.pretrained_weights)
+        print(f"Model: {args.pretrained_weights}, the ONNX export of {model.meta['arch']} (--arch is not used), run by "
+              "onnxruntime on the CPU.")
+        if args.patch_tokens and not model.vit:
+            raise UserError(f"--patch_tokens true needs a ViT; {args.pretrained_weights} is a {model.meta['arch']}")
+    else:
+        model = backbones.build_eval_model(args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
+                                           args.device)
     forward = feature_forward(model, args.patch_tokens)
 
     # Rank 0 reads the output folder and decides; every rank stops together on its verdict.
