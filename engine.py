@@ -308,8 +308,10 @@ def train_one_epoch(step: StepFn, student: nn.Module, optimizer: torch.optim.Opt
         if log_now:
             tracker.log_iteration(it, {"loss": step_loss / accum, **terms, **after, "lr": group["lr"],
                                        "wd": group["weight_decay"]}, grad_norms=norms)
-        if run is not None and step_in_epoch + 1 < niter_per_ep:
-            run.between_steps(it, position_fn)
+        if run is not None:
+            run.clock.step_done(it)
+            if step_in_epoch + 1 < niter_per_ep:
+                run.between_steps(it, position_fn)
     guard.check_state(student, f"after epoch {epoch}")
     return epoch_stats(metric_logger, n_images, elapsed_before + time.time() - epoch_start, bad_images, args.device)
 
@@ -362,6 +364,7 @@ class Run:
         self.log_path = os.path.join(output_dir, "log.txt")
         self.stop = runtime.StopSignals(self.world_size)
         self.start_epoch, self.log_history, self.position, self.tracker = 0, [], None, None
+        self.clock = tracking.RunClock(iters_per_epoch, epochs)
         self._exit_stack = contextlib.ExitStack()
 
     def _check_position(self, checkpoint: dict) -> None:
@@ -493,6 +496,7 @@ class Run:
         """log.txt's record of `epoch` (`train_stats` as train_*, then `other_stats`, e.g. the evaluation), the
         checkpoint and the tracker; stops here when a signal arrived during the epoch."""
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, **(other_stats or {})}
+        self.clock.epoch_done(epoch, train_stats, other_stats or {})
         self.log_history.append(log_stats)
         self.checkpoint(epoch + 1)
         self._append_log(log_stats, plot=self.plot_curves)

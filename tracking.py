@@ -19,11 +19,14 @@ the training-curve plot.
         tracker.log_epoch(last_iteration_of_epoch, log_stats)
         save({"tracking": tracker.state_dict(), ...})  # the W&B run id, for the resumed run
 
+`RunClock` prints the whole run's time on this machine after the first steps and after the first epoch.
+
 The values are device tensors: they are stacked and copied to the host asynchronously when logged, and
 read one logging period later, so that logging does not make the host wait for the device. tensorboard and
 wandb are imported only when asked for; a missing package stops the run before it starts, in one line.
 """
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -489,3 +492,50 @@ def plot_training_curves(log_paths, out_png: str, labels: Optional[Sequence[str]
     finally:
         plt.close(fig)
     return out_png
+
+
+def duration(seconds: float) -> str:
+    """`1 h 05 min`, `7 min 12 s`, `42 s`."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class RunClock:
+    """The whole run's time on this machine, estimated twice: after the first few steps of this process (steps x
+    the measured step time; the first `warmup` steps, slower, left out) and after its first epoch (epochs x the
+    measured epoch, evaluation included). Timings in a README hold on the machine they were measured on; this says
+    what they are on this one."""
+
+    def __init__(self, iters_per_epoch: int, epochs: int, warmup: int = 2, measure: int = 5):
+        self.iters_per_epoch, self.epochs, self.warmup, self.measure = iters_per_epoch, epochs, warmup, measure
+        self.steps, self.started, self.step_estimated, self.epoch_estimated = 0, None, False, False
+
+    def step_done(self, it: int) -> None:
+        """After the optimizer step of global iteration `it` (every rank calls it; rank 0 prints)."""
+        if self.step_estimated:
+            return
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.started = time.time()
+        elif self.started is not None and self.steps == self.warmup + self.measure:
+            self.step_estimated = True
+            per_step = (time.time() - self.started) / self.measure
+            left = self.iters_per_epoch * self.epochs - it - 1
+            print(f"Estimated time of this run on this machine: {duration(left * per_step)} of training for the "
+                  f"{left} iterations left ({per_step:.3g} s each over iterations {it - self.measure + 2}-{it + 1}), "
+                  "plus evaluation; again after the first epoch, evaluation included.")
+
+    def epoch_done(self, epoch: int, train_stats: Dict[str, Any], other_stats: Dict[str, Any]) -> None:
+        """After `epoch` and its evaluation (`other_stats` with `knn_time` when the online k-NN ran)."""
+        if self.epoch_estimated or "epoch_time" not in train_stats or epoch + 1 >= self.epochs:
+            return
+        self.epoch_estimated = True
+        train_s, eval_s = float(train_stats["epoch_time"]), float(other_stats.get("knn_time", 0.))
+        left = self.epochs - epoch - 1
+        total = left * (train_s + eval_s)
+        finish = datetime.datetime.now() + datetime.timedelta(seconds=total)
+        print(f"Estimated time left on this machine: {duration(total)} for {left} more epoch(s) of "
+              f"{duration(train_s)} training" + (f" + {duration(eval_s)} evaluation" if eval_s else "") +
+              f" each (epoch {epoch}'s), finishing about {finish:%H:%M}.")

@@ -283,6 +283,24 @@ def run_ours(bench, device, torch, synthetic):
     stats = engine.train_one_epoch(dino_step, student, optimizer, timed, run.lr_schedule, run.wd_schedule,
                                    bench.epoch, args, after_step=after_step, precision=run.precision)
 
+    # ---- on a GPU, the same loop with the crops already there (the model's own speed), and the copy alone: each
+    # measured step above copies the pinned crops to the GPU on the compute stream, as training does
+    on_device = None
+    if device.type == "cuda" and not bench.data_path:
+        resident = [im.to(device) for im in synthetic]
+        timed_resident = TimedLoader([(resident, labels, [""] * bench.batch_size)] * n_batches, n_batches, device)
+        engine.train_one_epoch(dino_step, student, optimizer, timed_resident, run.lr_schedule, run.wd_schedule,
+                               bench.epoch, args, after_step=after_step, precision=run.precision)
+        copies = []
+        for _ in range(10):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            [im.to(device, non_blocking=True) for im in synthetic]
+            torch.cuda.synchronize(device)
+            copies.append(time.perf_counter() - start)
+        on_device = {"stamps": timed_resident.stamps, "copy_s": sorted(copies)[len(copies) // 2],
+                     "copy_mb": sum(im.numel() * im.element_size() for im in synthetic) / 1e6}
+
     # ---- FLOPs of one forward + backward (outside the timed loop; restores the loss centre)
     images = [im.to(device, non_blocking=True) for im in synthetic]
     center = dino_loss.center.clone()
@@ -302,7 +320,8 @@ def run_ours(bench, device, torch, synthetic):
     return dict(
         desc=(f"engine.train_one_epoch (real loop); {precision}; our ViT (SDPA attention), "
               "AdamW(fused=True), foreach clip + EMA"),
-        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, flops=flops, params=n_student,
+        data=data_desc, stamps=timed.stamps, cpu_stamps=timed.cpu_stamps, on_device=on_device, flops=flops,
+        params=n_student,
         rss_models=rss_models, loop_stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
 
 
@@ -415,6 +434,11 @@ def child_main(bench) -> None:
     runner = run_ours if bench._child == "ours" else run_official
     res = runner(bench, device, torch, synthetic)
     stamps, cpu_stamps = res.pop("stamps"), res.pop("cpu_stamps")
+    on_device = res.pop("on_device", None)
+    if on_device:
+        s = on_device.pop("stamps")
+        res.update(iter_times_on_device=[b - a for a, b in zip(s, s[1:])], copy_s=on_device["copy_s"],
+                   copy_mb=on_device["copy_mb"])
     res.update(
         impl=bench._child, threads=torch.get_num_threads(), device=str(device),
         iter_times=[b - a for a, b in zip(stamps, stamps[1:])],
@@ -479,6 +503,13 @@ def report(res, bench):
               f"of {res['device_name']}; {100 * flops / best / 1e12 / peak:.1f}% at the fastest iteration)")
     elif res["device"].startswith("cuda"):
         print(f"    MFU:                 n/a ({res['device_name']} is not in PEAK_TFLOPS: give --peak_tflops)")
+    if res.get("iter_times_on_device"):
+        med_dev = statistics.median(res["iter_times_on_device"][bench.warmup:])
+        mfu_dev = f", MFU {100 * flops / med_dev / 1e12 / peak:.1f}%" if peak else ""
+        print(f"    crops already on GPU: {med_dev:.4f} s/iteration, {bench.batch_size / med_dev:.2f} images/s"
+              f"{mfu_dev} (the model's own speed; the figures above include the copy, as training does)")
+        print(f"    host->GPU copy:      {1000 * res['copy_s']:.1f} ms for {res['copy_mb']:.0f} MB of pinned crops "
+              f"({100 * res['copy_s'] / med:.0f}% of a step; the step difference is {1000 * (med - med_dev):.1f} ms)")
     mem = f"{res['rss_peak']:.0f} MiB peak RSS (after imports {res['rss_imports']:.0f}, after model build " \
           f"{res['rss_models']:.0f})"
     if res.get("cuda_peak_mib") is not None:
@@ -500,7 +531,18 @@ def summary_record(res, bench, med: float) -> dict:
             "s_per_iter": med, "images_per_s": bench.batch_size / med,
             "flops_per_image": res["flops"] / bench.batch_size,
             "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
-            "cuda_peak_mib": res.get("cuda_peak_mib"), "rss_peak_mib": res["rss_peak"]}
+            "cuda_peak_mib": res.get("cuda_peak_mib"), "rss_peak_mib": res["rss_peak"],
+            **on_device_record(res, bench, peak)}
+
+
+def on_device_record(res, bench, peak) -> dict:
+    """The step with the crops already on the GPU and the copy alone (GPU runs of `ours` only)."""
+    if not res.get("iter_times_on_device"):
+        return {}
+    med = statistics.median(res["iter_times_on_device"][bench.warmup:])
+    tflops = res["flops"] / med / 1e12
+    return {"s_per_iter_on_device": med, "images_per_s_on_device": bench.batch_size / med,
+            "mfu_on_device": tflops / peak if peak else None, "copy_s": res["copy_s"], "copy_mb": res["copy_mb"]}
 
 
 def main() -> None:

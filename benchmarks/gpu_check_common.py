@@ -69,11 +69,14 @@ class Report:
 
 
 class Budget:
+    """The kit's time: `left()` for the part running now, less what is `reserved` for the parts after it (the
+    convergence part's guaranteed minimum), so that an earlier part cannot eat it."""
+
     def __init__(self, seconds: float):
-        self.start, self.seconds = time.time(), seconds
+        self.start, self.seconds, self.reserved = time.time(), seconds, 0.0
 
     def left(self) -> float:
-        return self.seconds - (time.time() - self.start)
+        return self.seconds - (time.time() - self.start) - self.reserved
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

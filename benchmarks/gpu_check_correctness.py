@@ -201,12 +201,12 @@ def check_deterministic(report: Report, device: torch.device, cfg: dict, work: s
 
 
 def check_compile(report: Report, device: torch.device, cfg: dict) -> None:
-    """--compile's path (main_distill.compile_forward_features, which main_dino's Module.compile shares the
-    backend of) at one resolution: the same tokens as eager, the compile time, the speed-up of a forward."""
+    """--compile's path (ssl_meta_arch.compile_forward_features, which both training scripts use) at one
+    resolution: the same tokens as eager, the compile time, the speed-up of a forward."""
     if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("cc")):
         report.add("correctness", "--compile forward_features", "SKIP", "no C++ compiler on this CPU machine")
         return
-    import main_distill
+    import ssl_meta_arch
     import vision_transformer as vits
     torch.manual_seed(0)
     model = getattr(vits, cfg["arch"])(patch_size=cfg["patch"]).to(device).eval()
@@ -225,7 +225,7 @@ def check_compile(report: Report, device: torch.device, cfg: dict) -> None:
     eager, _ = timed(1)
     _, eager_s = timed(3)
     keys = list(model.state_dict())
-    main_distill.compile_forward_features(model)
+    ssl_meta_arch.compile_forward_features(model)
     start = time.time()
     compiled, _ = timed(1)
     compile_s = time.time() - start

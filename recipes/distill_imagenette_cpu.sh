@@ -5,8 +5,9 @@
 #
 # Data:     Imagenette: DATA holds train/ and val/. TEACHER: recipes/cpu_laptop.sh's checkpoint (32 epochs,
 #           20-NN 43.6%).
-# Machine:  measured on 2 CPU cores, no GPU, alone on the machine, with TRAIN_EXTRA="--amp_dtype bf16"
-#           (2026-12-05): 17.1 min wall in all (training 16.7 min at 38-41 images/s).
+# Machine:  measured on 2 cores of an AMD EPYC with AVX512-BF16 and no AMX, no GPU, alone on the machine, with
+#           TRAIN_EXTRA="--amp_dtype bf16" (2026-12-05): 17.1 min wall in all (training 16.7 min at 38-41 images/s).
+#           Other CPUs differ by up to 2x (recipes/cpu_laptop.sh's header); the run prints its own estimate.
 # Expected: student 20-NN top-1 37.9% (teacher 43.6%, a random ViT-Nano 28.2%): 87% of the teacher, 4 epochs.
 #           The online 20-NN after epochs 2 and 4: 35.3, 38.1%. All five losses fall (total 19.27 -> 17.41).
 #           With the 15-epoch teacher of 2026-11-22 (20-NN 34.7%) the student reached 36.8% (fp32, 77 min on a

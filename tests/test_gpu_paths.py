@@ -526,5 +526,51 @@ def test_gpu_check_kit_runs_every_path_on_cpu(tmp_path):
     assert (tmp_path / "out" / "gpu_check.log").is_file()
 
 
+def gpu_check_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+    return gpu_check
+
+
+def test_gpu_check_runs_throughput_before_convergence_and_keeps_its_minimum():
+    """The first GPU run must bring back the speed figures (--compile included) and still leave the convergence part
+    the time its floor needs: throughput parts first, convergence last, its minimum reserved from the earlier
+    parts, never cut below its floor when the reserve was kept."""
+    gc = gpu_check_module()
+    assert gc.PARTS.index("compile_throughput") < gc.PARTS.index("convergence") == len(gc.PARTS) - 1
+    assert gc.PARTS.index("throughput") < gc.PARTS.index("compile_throughput")
+    assert gc.CONVERGENCE_MIN_S >= gc.CONVERGENCE_FLOOR_S + 60 and gc.CONVERGENCE_FLOOR_S >= 90
+    parts = list(gc.PARTS)
+    for i, part in enumerate(parts):
+        expected = gc.CONVERGENCE_MIN_S if part != "convergence" else 0.0
+        assert gc.reserve_before(parts, i, quick=False) == expected, part
+    assert gc.reserve_before(parts, 0, quick=True) == 0.0  # --quick: tiny sizes, no reserve
+    assert gc.reserve_before(["throughput", "compile_throughput"], 0, quick=False) == 0.0
+    # the reserve left for convergence: its training is at least the floor, the plan when there is room
+    assert gc.convergence_seconds(150.0, gc.CONVERGENCE_MIN_S) == gc.CONVERGENCE_FLOOR_S
+    assert gc.convergence_seconds(150.0, 400.0) == 150.0
+    assert gc.convergence_seconds(150.0, 50.0) == 20.0  # a short --budget_s: what is left
+    # a compile part that would eat the reserve is skipped, not run into it
+    budget = gc.Budget(240.0)
+    budget.reserved = gc.CONVERGENCE_MIN_S
+    assert budget.left() < gc.COMPILE_NEEDS_S
+    assert round(gc.epochs_in(1800.0, 5000.0, 50000)) == 180
+
+
+def test_gpu_check_distributed_rows_of_one_process_are_info(tmp_path):
+    """With world size 1 SyncBatchNorm falls back to BatchNorm and the gather and raise_together skip their
+    collectives: those rows say INFO, not PASS (gloo, on this CPU, with --nproc 1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--only", "distributed", "--nproc", "1", "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {r["check"]: r for r in json.loads((tmp_path / "out" / "gpu_check.json").read_text())["rows"]}
+    for name in ("sync_batchnorm (gloo)", "gather_in_order (gloo)", "collective_errors (gloo)"):
+        assert rows[name]["status"] == "INFO" and "world size 1" in rows[name]["value"], rows[name]
+    assert rows["all_reduce (gloo)"]["status"] == "PASS"
+    assert "torchrun --nproc_per_node=1, gloo" in rows
+
 if __name__ == "__main__":
     two_rank_worker(sys.argv[1])

@@ -278,3 +278,25 @@ def test_eval_linear_logs_every_head_per_iteration(tmp_path):
     accuracy, tags = scalars(out / tracking.TENSORBOARD_DIR, "epoch/test_acc1")
     assert [s for s, _ in accuracy] == [3, 7]
     assert "train/loss/lr0.01" in tags["scalars"]
+
+
+def test_run_clock_estimates_the_whole_run_after_a_few_steps_and_after_the_first_epoch(monkeypatch, capsys):
+    """Every run says how long it will take on this machine: steps left x the measured step time (the first,
+    slower steps left out), then epochs left x (training + evaluation) of its first epoch."""
+    now = [1000.0]
+    monkeypatch.setattr(tracking.time, "time", lambda: now[0])
+    clock = tracking.RunClock(iters_per_epoch=10, epochs=4, warmup=2, measure=5)
+    for it in range(8):
+        now[0] += 100.0 if it < 2 else 2.0  # two slow first steps, then 2 s each
+        clock.step_done(it)
+    out = capsys.readouterr().out
+    assert out.count("Estimated time") == 1
+    # after the 7th step (iteration 6): steps 3-7 timed, 33 iterations left at 2 s
+    assert ("Estimated time of this run on this machine: 1 min 06 s of training for the 33 iterations left (2 s "
+            "each over iterations 3-7)") in out
+    clock.epoch_done(0, {"epoch_time": 30.0}, {"knn_time": 6.0})
+    clock.epoch_done(1, {"epoch_time": 30.0}, {})
+    out = capsys.readouterr().out
+    assert "Estimated time left on this machine: 1 min 48 s for 3 more epoch(s) of 30 s training + 6 s evaluation" in out
+    assert out.count("Estimated") == 1
+    assert tracking.duration(3725) == "1 h 02 min" and tracking.duration(59.6) == "1 min 00 s"
