@@ -99,3 +99,20 @@ def test_torchrun_one_rank_signalled_both_stop_at_the_same_step(cifar_40, torchr
     assert len(ckpt["position"]["ranks"]) == 2 and len(ckpt["rng_states"]) == 2
     run_cmd(cmd)
     assert_same_dino_run(torchrun_reference[0], stopped)
+
+
+def test_periodic_checkpoint_is_a_link_that_later_writes_leave_alone(tmp_path):
+    """checkpointNNNN.pth is a hard link to the checkpoint just written (no second serialisation); the next atomic
+    write of checkpoint.pth replaces that name only, so the periodic file keeps its epoch's bytes."""
+    import checkpointing
+    import engine
+    latest, periodic = tmp_path / "checkpoint.pth", tmp_path / "checkpoint0000.pth"
+    checkpointing.atomic_save({"epoch": 1, "w": torch.ones(3)}, str(latest))
+    assert engine.link_copy(str(latest), str(periodic))
+    assert os.path.samefile(latest, periodic)
+    checkpointing.atomic_save({"epoch": 2, "w": torch.zeros(3)}, str(latest))
+    assert torch.load(periodic, weights_only=True)["epoch"] == 1
+    assert torch.load(latest, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "checkpoint0000.pth"]
+    assert not engine.link_copy(str(tmp_path / "missing.pth"), str(tmp_path / "x.pth"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "checkpoint0000.pth"]
