@@ -143,7 +143,8 @@ def test_logged_gradient_norm_is_the_true_one_under_an_fp16_scaler(tmp_path):
     reference(x).pow(2).mean().backward()
     expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
     tracker = tracking.Tracker(str(tmp_path), start_iteration=0, iters_per_epoch=1, images_per_batch=2, log_freq=1)
-    run = types.SimpleNamespace(tracker=tracker, rank_position=lambda epoch: None, between_steps=lambda it, fn: None)
+    run = types.SimpleNamespace(tracker=tracker, rank_position=lambda epoch: None, between_steps=lambda it, fn: None,
+                                clock=types.SimpleNamespace(step_done=lambda it: None))
     with tracker:
         run_epoch(model, 1, lambda m, x, it: m(x).pow(2).mean(), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10),
                   loop_args(), run=run)
