@@ -348,6 +348,7 @@ def extract_features(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         model = exporting.OnnxBackbone(args.pretrained_weights)
         print(f"Model: {args.pretrained_weights}, the ONNX export of {model.meta['arch']} (--arch is not used), run by "
               "onnxruntime on the CPU.")
+        args.arch, args.patch_size = model.meta["arch"], model.meta["multiple"]  # what meta.json records
         if args.patch_tokens and not model.vit:
             raise UserError(f"--patch_tokens true needs a ViT; {args.pretrained_weights} is a {model.meta['arch']}")
     else:

@@ -3,6 +3,7 @@ PyTorch's numbers on both position-embedding paths (native grid and interpolated
 written; a perturbed graph is refused with nothing written; extract_features.py runs an ONNX file; the bad inputs
 end in one message. ViT-S/16 in the default suite; ViT-S/14 with registers, ResNet-50 and a timm convnet are
 marked slow (each export takes 10-30 s on 2 cores)."""
+import json
 import os
 import sys
 
@@ -123,11 +124,15 @@ def test_extract_features_runs_the_onnx_file(vits16, tiny_folder, tmp_path):
               "--patch_tokens", "true"]
     extract_features.extract_features(parse(extract_features, "--arch", "vit_small", "--patch_size", 16,
                                             "--pretrained_weights", path, "--output_dir", tmp_path / "pt", *common))
-    extract_features.extract_features(parse(extract_features, "--pretrained_weights", onnx_path,
+    # --arch is the file's, whatever the flag says
+    extract_features.extract_features(parse(extract_features, "--pretrained_weights", onnx_path, "--arch", "vit_tiny",
                                             "--output_dir", tmp_path / "onnx", *common))
     for name in ("features.npy", "patch_features.npy"):
         a, b = np.load(tmp_path / "pt" / name), np.load(tmp_path / "onnx" / name)
         assert a.shape == b.shape == (11, 384) and np.abs(a - b).max() < 1e-4, name
+    meta = json.loads((tmp_path / "onnx" / "meta.json").read_text())
+    options = meta["options"]
+    assert options["arch"] == "vit_small" and options["patch_size"] == 16 and options["pretrained_weights"] == str(onnx_path)
 
 
 def test_pth_export_still_writes_the_weights_through_the_one_loader(vits16, tmp_path):
