@@ -336,7 +336,7 @@ def eval_transform(resize_size: int = 256, crop_size: int = 224):
 
 
 class SeededItems(Dataset):
-    """Items `self._item(index)` of `self.samples`, keyed by an index or by an EpochSampler's `(epoch, index)`:
+    """Items `self._item(index)` (the subclass's) of `self.samples`, keyed by an index or by an EpochSampler's `(epoch, index)`:
     with a `self.seed`, the latter runs `_item` under the per-sample seed of (seed, epoch, index), so that random
     transforms are the same whatever the workers and wherever an epoch is resumed."""
 
@@ -353,8 +353,6 @@ class SeededItems(Dataset):
         with seeded_rng(sample_seed(self.seed, epoch, index)):
             return self._item(index)
 
-    def _item(self, index: int):
-        raise NotImplementedError
 
 
 class LabeledDataset(SeededItems):
