@@ -294,7 +294,7 @@ def vit_structure_mismatch(state_dict: Dict[str, Any], model_state: Dict[str, An
 
 def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str] = "teacher",
                             model_name: Optional[str] = None, patch_size: Optional[int] = None,
-                            may_miss: Iterable[str] = ()) -> None:
+                            may_miss: Iterable[str] = (), loaded: Any = None) -> None:
     """Load backbone weights for evaluation, without ever downloading unless given a URL.
 
     Reads our `main_dino.py`/`main_distill.py` checkpoints (`checkpoint_key` teacher or student), official
@@ -312,7 +312,8 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
               f"Meta DINOv3) to evaluate trained weights.\n{bar}")
         return
     path = local_weights_path(pretrained_weights)  # only a URL the user gave explicitly is downloaded
-    state_dict = select_state_dict(load_checkpoint(path), checkpoint_key, path)
+    # `loaded`: the file's content when the caller has already read it (export_backbone.py: no second read)
+    state_dict = select_state_dict(load_checkpoint(path) if loaded is None else loaded, checkpoint_key, path)
     # official conventions: DDP `module.` and MultiCropWrapper `backbone.` prefixes
     state_dict = strip_prefix(strip_prefix(state_dict, "module."), "backbone.")
     model_state = model.state_dict()

@@ -93,11 +93,11 @@ def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, str, int]:
             raise utils.UserError(f"{args.checkpoint} does not record its architecture: give --arch (and "
                                   "--patch_size for our ViTs)")
         print(f"{args.checkpoint} is Meta's DINOv2 {arch} (from its weights): exporting it as --arch {arch}")
-    del checkpoint, state_dict
     patch_size = backbones.patch_size_of(arch, args.patch_size or saved.get("patch_size") or 16)
     model, _ = backbones.build_backbone(arch, patch_size)
-    try:
-        checkpointing.load_pretrained_weights(model, args.checkpoint, args.checkpoint_key, arch, patch_size)
+    try:  # the file read once: the loader takes its content
+        checkpointing.load_pretrained_weights(model, args.checkpoint, args.checkpoint_key, arch, patch_size,
+                                              loaded=checkpoint)
     except utils.UserError as e:
         raise utils.UserError(f"the '{args.checkpoint_key}' weights of {args.checkpoint} are not a {arch} (patch size "
                               f"{patch_size}) backbone: {e}. Check --checkpoint_key, --arch and --patch_size") from None

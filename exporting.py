@@ -239,18 +239,6 @@ def to_fp16(model):
     return convert_float_to_float16(model, keep_io_types=True)
 
 
-def onnx_meta(path: str) -> Dict:
-    onnx, _ = import_onnx()
-    model = onnx.load(path, load_external_data=False)
-    return {p.key: json.loads(p.value) for p in model.metadata_props}
-
-
-def pt2_meta(path: str) -> Dict:
-    extra = {"meta.json": ""}
-    torch.export.load(path, extra_files=extra)
-    return json.loads(extra["meta.json"] or "{}")
-
-
 def check_size(images: torch.Tensor, meta: Dict, path: str) -> None:
     """The exported range: sides multiples of `multiple` between `min_size` and `max_size`, a batch up to
     `max_batch`."""
@@ -274,7 +262,8 @@ def load_runner(path: str, threads: int = 0) -> Tuple[Callable[[torch.Tensor], D
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
-        meta = onnx_meta(path)
+        # the metadata export_onnx wrote, as the session read it (no second read of the file)
+        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
 
         def run_onnx(images: torch.Tensor) -> Dict[str, torch.Tensor]:
             check_size(images, meta, path)
