@@ -384,14 +384,21 @@ class DataAugmentationDINO:
     computed on tensors (`render_crops`), faster than the official PIL pipeline (BENCHMARKS.md,
     `benchmarks/bench_data.py`). The crops differ from the official ones by
     rounding only: the official pipeline rounds to 8 bits after every operation, its hue goes through 8-bit
-    HSV, its resampling is PIL's (see the pixel operations above; `tests/test_augmentation_stats.py`)."""
+    HSV, its resampling is PIL's (see the pixel operations above; `tests/test_augmentation_stats.py`).
+
+    `gram_crops_size` (DINOv3's `gram_teacher_crops_size`): two more crops at the end, the two global crops again
+    at this size, from the same box of the image with the same flip, colours and solarization, the blur radius
+    scaled with the size, so that they are the global crops at a higher resolution (DINOv3 draws them at the
+    larger size and resizes down for the student); the other crops and their random draws are unchanged."""
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
-                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96):
+                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96,
+                 gram_crops_size: Optional[int] = None):
         self.global_transfo1 = CropAugmentation(global_crops_size, global_crops_scale, blur_p=1.0)
         self.global_transfo2 = CropAugmentation(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)
         self.local_crops_number = local_crops_number
         self.local_transfo = CropAugmentation(local_crops_size, local_crops_scale, blur_p=0.5)
+        self.gram_crops_size = gram_crops_size
 
     def __call__(self, image) -> List[torch.Tensor]:
         src = image_to_uint8(image)  # converted once, shared by all crops
@@ -402,4 +409,9 @@ class DataAugmentationDINO:
         crops = render_crops(src, self.global_transfo1.size, global_params)
         if local_params:
             crops += render_crops(src, self.local_transfo.size, local_params)
+        if self.gram_crops_size:
+            scale = self.gram_crops_size / self.global_transfo1.size
+            larger = [CropParams(p.box, p.flip, p.jitter, p.gray, None if p.blur is None else p.blur * scale,
+                                 p.solarize) for p in global_params]
+            crops += render_crops(src, self.gram_crops_size, larger)
         return crops

@@ -384,14 +384,22 @@ def init_from_pretrained(backbone: nn.Module, heads: Dict[str, nn.Module], pretr
                          checkpoint_key: Optional[str], arch: str, patch_size: Optional[int] = None) -> None:
     """Continued pretraining: `backbone` from any weights that eval_knn.py reads (ours, official DINO,
     torchvision, timm, Meta DINOv2/DINOv3), and each head of `heads` (checkpoint prefix -> module, e.g.
-    {"head.": dino_head}) from the same file when it holds fitting weights, else left fresh. One line says
-    which heads came from the file."""
+    {"head.": dino_head}) from the same file when it holds fitting weights, else left fresh; a separate
+    `ibot_head.` absent from the file starts from the file's DINO head (shared with iBOT in the run that wrote it,
+    DINOv2's default). One line says which heads came from the file."""
     load_pretrained_weights(backbone, pretrained_weights, checkpoint_key, arch, patch_size, may_miss=["mask_token"])
     loaded, fresh = [], []
     for prefix, head in heads.items():
-        if head is not None:
-            (loaded if load_head_weights(head, pretrained_weights, checkpoint_key, prefix) else fresh).append(
-                prefix.rstrip("."))
+        if head is None:
+            continue
+        if load_head_weights(head, pretrained_weights, checkpoint_key, prefix):
+            loaded.append(prefix.rstrip("."))
+        elif prefix == "ibot_head." and "head" in loaded and load_head_weights(head, pretrained_weights,
+                                                                               checkpoint_key, "head."):
+            # the file's DINO head also projected the patch tokens (DINOv2's shared head): the best start for iBOT
+            loaded.append("ibot_head (from the file's DINO head, which the run that wrote it shared with iBOT)")
+        else:
+            fresh.append(prefix.rstrip("."))
     line = f"Continued pretraining from {pretrained_weights}: backbone loaded"
     if loaded:
         line += f"; {', '.join(loaded)} from the file"

@@ -11,7 +11,8 @@ Restarting the same command resumes from `output_dir/checkpoint.pth`.
 With --ibot_loss_weight and/or --koleo_loss_weight above 0 it trains DINOv2's objective instead (docs/training.md):
 iBOT on masked patches of the global crops and KoLeo on the student's CLS beside DINO, DINOv2's optimizer groups
 (--layerwise_decay, --patch_embed_lr_mult), per-iteration teacher temperature and square-root learning-rate
-scaling. With neither, it is the official DINO: same defaults, numerics and checkpoints.
+scaling. With neither, it is the official DINO: same defaults, numerics and checkpoints. With --gram_loss_weight above 0
+(and DINOv2's objective) it adds DINOv3's Gram anchoring to a frozen Gram teacher (docs/training.md).
 """
 import argparse
 import math
@@ -27,6 +28,7 @@ import checkpointing
 import data
 import engine
 import eval_knn
+import gram_anchoring
 import health
 import masking
 import runtime
@@ -34,7 +36,7 @@ import ssl_meta_arch
 import tracking
 import utils
 import vision_transformer as vits
-from losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 
 
 def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
@@ -93,6 +95,8 @@ def get_args_parser(ema_teacher: bool = True) -> argparse.ArgumentParser:
     parser.add_argument('--backbone_lr_scale', default=1.0, type=float,
                         help="The backbone's learning rate as a fraction of the heads' (--lr).")
     add_dinov2_args(parser)
+    if ema_teacher:  # main_distill.py has its own Gram loss, to its frozen teacher
+        gram_anchoring.add_args(parser)
 
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.), help="""Scale range
@@ -208,6 +212,7 @@ def check_args(args: argparse.Namespace) -> None:
     tracking.check_args(args)
     health.check_args(args)
     check_dinov2_args(args)
+    gram_anchoring.check_args(args, dinov2_objective(args))
     if backbones.is_vit(args.arch):
         patch_size = backbones.patch_size_of(args.arch, args.patch_size)
         what = f"--patch_size {patch_size}" if patch_size == args.patch_size else f"the patch size of {args.arch}, {patch_size}"
@@ -281,9 +286,11 @@ def build_mask_sampler(args: argparse.Namespace) -> masking.BlockMaskSampler:
 def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMaskSampler] = None):
     """The multi-crop dataset and its loader (seeded per sample, sharded over processes). With `mask_sampler`
     a sample is `((crops, masks [2, N]), label, bad)`: iBOT masks of the two global crops."""
+    gram_size = getattr(args, "gram_teacher_crops_size", None) if getattr(args, "gram_loss_weight", 0) else None
     transform = augmentations.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                                    args.local_crops_number, args.global_crops_size,
-                                                   args.local_crops_size)
+                                                   args.local_crops_size,
+                                                   gram_size if gram_size != args.global_crops_size else None)
     if mask_sampler is not None:
         transform = masking.MaskedCrops(transform, mask_sampler)
     dataset = data.PretrainDataset(data.build_dataset(args.data_path, layout=args.data_layout,
@@ -407,14 +414,16 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     # ============ building student and teacher networks ... ============
     student, teacher = build_networks(args, dinov2)
     student, teacher = student.to(args.device), teacher.to(args.device)
+    gram = gram_anchoring.build_gram_teacher(args, student.backbone, niter_per_ep) if getattr(args, "gram_loss_weight", 0) else None
     if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
         sizes = {"--global_crops_size": args.global_crops_size, "--local_crops_size": args.local_crops_size}
         backbones.check_input_sizes(student.backbone, sizes, args.arch)
         if runtime.cpu_bf16(args.device, args.use_fp16, args.amp_dtype):
             backbones.check_cpu_bf16_convolutions(student.backbone, sizes, args.arch)
     speed_setup(args, student.backbone, teacher.backbone)
-    if args.compile and dinov2 and args.ibot_loss_weight > 0:
-        ssl_meta_arch.compile_forward_features(student.backbone, teacher.backbone)
+    if args.compile and dinov2 and (args.ibot_loss_weight > 0 or gram is not None):
+        ssl_meta_arch.compile_forward_features(student.backbone, teacher.backbone,
+                                               *([gram.backbone] if gram is not None else []))
 
     student, teacher = engine.distribute(student, args.device, teacher)  # SyncBatchNorm and DDP, if several processes
     teacher_without_ddp = engine.unwrap(teacher)
@@ -442,6 +451,8 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
                                        center_momentum=args.center_momentum).to(args.device)
     if dinov2 and args.koleo_loss_weight > 0:
         losses["koleo"] = KoLeoLoss()
+    if gram is not None:
+        losses["gram"] = GramLoss(img_level=args.gram_img_level)
 
     optimizer = build_optimizer(args, student, dinov2_groups=dinov2)
     precision = runtime.precision_setup(args.device, args.use_fp16, args.amp_dtype)
@@ -463,7 +474,7 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     return SimpleNamespace(student=student, teacher=teacher, teacher_without_ddp=teacher_without_ddp,
                            dino_loss=dino_loss, losses=losses, optimizer=optimizer, precision=precision,
                            lr_schedule=lr_schedule, wd_schedule=wd_schedule, momentum_schedule=momentum_schedule,
-                           teacher_temp_schedule=teacher_temp_schedule, dinov2=dinov2)
+                           teacher_temp_schedule=teacher_temp_schedule, dinov2=dinov2, gram=gram)
 
 
 def train_dino(args: argparse.Namespace) -> None:
@@ -484,8 +495,11 @@ def train_dino(args: argparse.Namespace) -> None:
     engine.fit(args, step=step, student=run.student, optimizer=run.optimizer, data_loader=data_loader,
                lr_schedule=run.lr_schedule, wd_schedule=run.wd_schedule, precision=run.precision,
                state={"teacher": run.teacher, **{f"{name}_loss": loss for name, loss in run.losses.items()
-                                                 if name != "koleo"}},
-               after_step=after_step, evaluate=evaluate, clip_gradients=clip_gradients)
+                                                 if name not in ("koleo", "gram")},
+                      "gram_teacher": run.gram},
+               after_step=after_step, evaluate=evaluate, clip_gradients=clip_gradients,
+               extra_checkpoint={"gram_teacher_source": run.gram.source} if run.gram is not None else None,
+               check_checkpoint=gram_anchoring.resume_check(args, run.gram))
 
 
 def build_step(args: argparse.Namespace, run: SimpleNamespace, niter_per_ep: int):
@@ -497,7 +511,10 @@ def build_step(args: argparse.Namespace, run: SimpleNamespace, niter_per_ep: int
         return (dino_step(run.student, run.teacher, run.teacher_without_ddp, run.dino_loss), after_step,
                 utils.clip_gradients)
     weights = {f"{name}_loss": getattr(args, f"{name}_loss_weight") for name in run.losses}
-    return (ssl_meta_arch.dinov2_step(run.student, run.teacher, run.losses, weights, run.teacher_temp_schedule),
+    if run.gram is not None and run.gram.refresh_after:
+        after_step = gram_anchoring.with_refresh(after_step, run.gram, run.teacher_without_ddp.backbone)
+    return (ssl_meta_arch.dinov2_step(run.student, run.teacher, run.losses, weights, run.teacher_temp_schedule,
+                                      run.gram),
             after_step,
             ssl_meta_arch.clip_gradients_per_module)
 

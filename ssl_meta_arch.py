@@ -15,6 +15,7 @@ use them; the losses are in losses/.
   biases, norms and LayerScale, the heads' last layers marked (DINOv2's `get_params_groups_with_decay`, fused).
 - `clip_gradients_per_module`: DINOv2 clips the total gradient norm of each of backbone, DINO head and iBOT head.
 - `teacher_temp_schedule`: a linear warm-up per iteration, then constant (DINOv2's teacher-temperature scheduler).
+- `dinov2_step(..., gram=...)` also adds DINOv3's Gram loss to a gram_anchoring.GramTeacher.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,16 +28,37 @@ import utils
 from losses import DINOLoss, sinkhorn_knopp
 
 
+def has_patch_tokens(model: nn.Module) -> bool:
+    """Whether `tokens_and_grid` can read patch tokens from `model` (our ViTs, timm ViTs: a patch embedding and
+    `forward_features` giving [B, tokens, D]); convnets have a feature map instead."""
+    return hasattr(model, "patch_embed") and hasattr(model, "forward_features") and hasattr(
+        getattr(model, "patch_embed"), "patch_size")
+
+
+def patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
+    """The (rows, columns) of patches of `images` in a ViT with `model.patch_embed.patch_size`."""
+    patch = model.patch_embed.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return images.shape[-2] // ph, images.shape[-1] // pw
+
+
 def tokens_and_grid(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
     """(normalised CLS token [B, D], patch tokens [B, N, D], patch grid (h, w)) of a ViT, ours or timm's;
     register/storage tokens are left out."""
-    patch = model.patch_embed.patch_size
-    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    grid = (images.shape[-2] // ph, images.shape[-1] // pw)
     tokens = model.forward_features(images, masks) if masks is not None else model.forward_features(images)
     n_prefix = getattr(model, "num_prefix_tokens", 1)
-    return tokens[:, 0], tokens[:, n_prefix:], grid
+    return tokens[:, 0], tokens[:, n_prefix:], patch_grid(model, images)
+
+
+def features_and_patches(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(`model(images)`, the patch tokens [B, N, D]) from one pass: a timm model's pooled feature through its own
+    `forward_head` (CLS or mean, whichever its `global_pool`), our ViTs' normalised CLS token."""
+    tokens = model.forward_features(images)
+    patches = tokens[:, getattr(model, "num_prefix_tokens", 1):]
+    if hasattr(model, "forward_head"):
+        return model.forward_head(tokens, pre_logits=True), patches
+    return tokens[:, 0], patches
 
 
 def masked_rows(tokens: torch.Tensor, masks: torch.Tensor, mask_index: Optional[torch.Tensor]) -> torch.Tensor:
@@ -54,13 +76,15 @@ class SSLModel(nn.Module):
     EMA teacher of the DINOv2 objective are one of these, with the same keys, so that the EMA runs over their
     parameters in the same order and eval_knn.py reads `backbone.*` as from any checkpoint of ours.
 
-    `forward(crops, masks, mask_index, apply_masks=True, ibot=True)`:
+    `forward(crops, masks, mask_index, apply_masks=True, ibot=True, patches=False)`:
     - crops: [global1, global2, local1, ...] of [B, 3, H, W] (locals may be absent: the teacher's input);
     - masks: [2B, N] bool over the global crops' patches, crop-major like torch.cat(crops[:2]); applied to the
       backbone's input (mask token) when `apply_masks` (the student), only used to select the iBOT rows
       otherwise (the teacher sees the crops whole);
     - returns (DINO logits of every crop's CLS [(2+L)B, K], crop-major; iBOT logits of the masked patches [M, K]
-      in `masked_rows` order, None without iBOT; the global crops' backbone CLS tokens [2B, D]).
+      in `masked_rows` order, None without iBOT; the global crops' backbone CLS tokens [2B, D]), and with
+      `patches` a fourth item: every patch token of the global crops [2B, N, D] (masked input where masked), for
+      Gram anchoring.
     With a shared head, the CLS tokens and the masked patch tokens go through it in one call, as in DINOv2 (two
     calls when the head has batch norms)."""
 
@@ -70,23 +94,28 @@ class SSLModel(nn.Module):
         self.head_has_batchnorm = utils.has_batchnorms(head)
 
     def forward(self, crops: Sequence[torch.Tensor], masks: Optional[torch.Tensor] = None,
-                mask_index: Optional[torch.Tensor] = None, apply_masks: bool = True, ibot: bool = True):
+                mask_index: Optional[torch.Tensor] = None, apply_masks: bool = True, ibot: bool = True,
+                patches: bool = False):
         global_crops = torch.cat(list(crops[:2]))
+        g_patch = None
         if ibot:
             g_cls, g_patch, _ = tokens_and_grid(self.backbone, global_crops, masks if apply_masks else None)
-            patches = masked_rows(g_patch, masks, mask_index)
+            masked = masked_rows(g_patch, masks, mask_index)
+        elif patches:  # KoLeo with Gram anchoring: the pooled feature and the patch tokens of one pass
+            (g_cls, g_patch), masked = features_and_patches(self.backbone, global_crops), None
         else:  # KoLeo without iBOT: any backbone that gives a CLS / pooled feature
-            g_cls, patches = self.backbone(global_crops), None
+            g_cls, masked = self.backbone(global_crops), None
         local = list(crops[2:])
         cls = torch.cat([g_cls] + [self.backbone(torch.cat(local[a:b])) for a, b in utils.resolution_runs(local)])
-        if patches is None:
-            return self.head(cls), None, g_cls
+        extra = (g_patch,) if patches else ()
+        if masked is None:
+            return (self.head(cls), None, g_cls) + extra
         if self.ibot_head is not None or self.head_has_batchnorm:
             # a BatchNorm head (--use_bn_in_head; DINOv2's have none) normalises CLS and patch tokens apart: in one
             # batch, the teacher's CLS rows would be normalised with statistics mostly of patch tokens
-            return self.head(cls), (self.ibot_head or self.head)(patches), g_cls
-        logits = self.head(torch.cat([cls, patches]))  # one call of the shared head, as DINOv2's
-        return logits[:len(cls)], logits[len(cls):], g_cls
+            return (self.head(cls), (self.ibot_head or self.head)(masked), g_cls) + extra
+        logits = self.head(torch.cat([cls, masked]))  # one call of the shared head, as DINOv2's
+        return (logits[:len(cls)], logits[len(cls):], g_cls) + extra
 
 
 def compile_forward_features(*models: nn.Module) -> None:
@@ -112,7 +141,8 @@ def teacher_log_probs(dino_loss: DINOLoss, teacher_output: torch.Tensor, temp: f
     return health.teacher_log_probs(teacher_output, dino_loss.center, temp)
 
 
-def dinov2_step(student: nn.Module, teacher: nn.Module, losses: dict, weights: dict, teacher_temp_schedule):
+def dinov2_step(student: nn.Module, teacher: nn.Module, losses: dict, weights: dict, teacher_temp_schedule,
+                gram: Optional[nn.Module] = None):
     """DINOv2's part of the shared loop (its SSLMetaArch.forward_backward, without the backward): the teacher on
     the 2 unmasked global crops, the student on all crops with the global ones masked, then
 
@@ -122,7 +152,12 @@ def dinov2_step(student: nn.Module, teacher: nn.Module, losses: dict, weights: d
 
     DINO's mean over view pairs being DINOv2's local + global terms, and its iBOT term its masked loss with its
     two scales (2 x 1/2). The teacher temperature of both heads comes from `teacher_temp_schedule[it]`. Health
-    signals of both heads' targets and of the teacher's backbone CLS."""
+    signals of both heads' targets and of the teacher's backbone CLS.
+
+    With `gram` (and `losses["gram"]`, a losses.GramLoss), DINOv3's Gram anchoring is added:
+    `+ w_gram * Gram(the student's patch tokens of both global crops, masked input included, as DINOv3's
+    tokens_used "all"; the Gram teacher's on the same crops unmasked, or on the batch's two last crops, the
+    larger copies of the global ones, when `gram.crops_size` is set)`."""
     dino_loss, ibot_loss, koleo_loss = losses["dino"], losses.get("ibot"), losses.get("koleo")
 
     def step(batch, epoch: int, it: int):
@@ -131,13 +166,19 @@ def dinov2_step(student: nn.Module, teacher: nn.Module, losses: dict, weights: d
             masks = masks.transpose(0, 1).flatten(0, 1)  # [B, 2, N] -> [2B, N], crop-major like the crops
         else:
             crops, masks, mask_index = batch, None, None
+        gram_crops = None
+        if gram is not None:
+            crops, gram_crops = (crops[:-2], crops[-2:]) if gram.crops_size else (crops, crops[:2])
         temp = float(teacher_temp_schedule[min(it, len(teacher_temp_schedule) - 1)])
         ibot = ibot_loss is not None
         with torch.no_grad():
             t_dino, t_ibot, t_cls = teacher(crops[:2], masks, mask_index, apply_masks=False, ibot=ibot)
-        s_dino, s_ibot, s_cls = student(crops, masks, mask_index, ibot=ibot)
+        s_dino, s_ibot, s_cls, *s_patch = student(crops, masks, mask_index, ibot=ibot, patches=gram is not None)
         teacher_logp = teacher_log_probs(dino_loss, t_dino, temp)
         terms = {"dino_loss": dino_loss(s_dino, t_dino, epoch, teacher_temp=temp)}
+        if gram is not None:
+            grid = patch_grid(gram.backbone, crops[0])  # the student's grid: the Gram teacher is its architecture
+            terms["gram_loss"] = losses["gram"](s_patch[0], gram.patch_targets(torch.cat(list(gram_crops)), grid))
         signals = health.dino_signals(teacher_logp, terms["dino_loss"], t_cls)
         if ibot:
             if dino_loss.centering == "sinkhorn_knopp":
