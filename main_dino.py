@@ -286,7 +286,7 @@ def build_mask_sampler(args: argparse.Namespace) -> masking.BlockMaskSampler:
 def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMaskSampler] = None):
     """The multi-crop dataset and its loader (seeded per sample, sharded over processes). With `mask_sampler`
     a sample is `((crops, masks [2, N]), label, bad)`: iBOT masks of the two global crops."""
-    gram_size = getattr(args, "gram_teacher_crops_size", None) if getattr(args, "gram_loss_weight", 0) else None
+    gram_size = getattr(args, "gram_teacher_crops_size", None)  # main_dino.py's flag (main_distill.py has none)
     transform = augmentations.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                                    args.local_crops_number, args.global_crops_size,
                                                    args.local_crops_size,
@@ -414,7 +414,7 @@ def build_training(args: argparse.Namespace, niter_per_ep: int) -> SimpleNamespa
     # ============ building student and teacher networks ... ============
     student, teacher = build_networks(args, dinov2)
     student, teacher = student.to(args.device), teacher.to(args.device)
-    gram = gram_anchoring.build_gram_teacher(args, student.backbone, niter_per_ep) if getattr(args, "gram_loss_weight", 0) else None
+    gram = gram_anchoring.build_gram_teacher(args, student.backbone, niter_per_ep) if args.gram_loss_weight else None
     if not backbones.is_vit(args.arch):  # ours are checked by check_args; a convnet's limit shows in a forward
         sizes = {"--global_crops_size": args.global_crops_size, "--local_crops_size": args.local_crops_size}
         backbones.check_input_sizes(student.backbone, sizes, args.arch)
