@@ -54,7 +54,7 @@ class GramTeacher(nn.Module):
     """DINOv3's Gram teacher: a frozen copy of a backbone whose patch-to-patch similarities the student keeps.
 
     - `backbone`: the student's architecture, its weights from the starting weights, a file or the EMA teacher;
-      never trained (no gradients, always in eval mode: no drop-path), changed only by `refresh`;
+      never trained (no gradients, always in eval mode: no drop-path), changed only by `maybe_refresh`;
     - `refresh_after`: iterations after which `maybe_refresh(it, teacher_backbone)` copies the EMA teacher's
       backbone into it (`gram_refresh_iterations`); `refreshes` counts the copies (a buffer: in the checkpoint);
     - `crops_size`: the side of the larger copies of the global crops that it sees (None: the global crops
@@ -85,11 +85,16 @@ class GramTeacher(nn.Module):
         """After iteration `it`: copy `teacher_backbone`'s weights when `it` is one of `refresh_after`."""
         if it not in self.refresh_after:
             return False
-        own = self.backbone.state_dict()
-        for name, value in teacher_backbone.state_dict().items():
-            own[name].copy_(value)
+        self.backbone.load_state_dict(teacher_backbone.state_dict())  # copies into its tensors, strictly
         self.refreshes += 1
         return True
+
+
+def larger_crops_size(args: argparse.Namespace) -> Optional[int]:
+    """The side of the Gram teacher's own crops (--gram_teacher_crops_size), or None when it sees the global crops
+    themselves (flag absent, or equal to --global_crops_size)."""
+    size = getattr(args, "gram_teacher_crops_size", None)  # main_distill.py has no such flag
+    return size if size != args.global_crops_size else None
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -184,8 +189,7 @@ def build_gram_teacher(args: argparse.Namespace, student_backbone: nn.Module,
                                                       args.patch_size, may_miss=["mask_token"])
             except utils.UserError as e:
                 raise utils.UserError(f"--gram_teacher: the Gram teacher is a {args.arch} like the student, and {e}")
-    larger = args.gram_teacher_crops_size if args.gram_teacher_crops_size != args.global_crops_size else None
-    gram = GramTeacher(backbone, source, refresh, larger)
+    gram = GramTeacher(backbone, source, refresh, larger_crops_size(args))
     sees = (f"the global crops at {gram.crops_size} px, its patch features resized to the student's grid"
             if gram.crops_size else "the global crops")
     copies = (f"; the EMA teacher copied into it after {len(refresh)} iteration(s): {describe_iterations(refresh)}"

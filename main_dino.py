@@ -286,11 +286,9 @@ def build_mask_sampler(args: argparse.Namespace) -> masking.BlockMaskSampler:
 def build_data(args: argparse.Namespace, mask_sampler: Optional[masking.BlockMaskSampler] = None):
     """The multi-crop dataset and its loader (seeded per sample, sharded over processes). With `mask_sampler`
     a sample is `((crops, masks [2, N]), label, bad)`: iBOT masks of the two global crops."""
-    gram_size = getattr(args, "gram_teacher_crops_size", None)  # main_dino.py's flag (main_distill.py has none)
     transform = augmentations.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                                    args.local_crops_number, args.global_crops_size,
-                                                   args.local_crops_size,
-                                                   gram_size if gram_size != args.global_crops_size else None)
+                                                   args.local_crops_size, gram_anchoring.larger_crops_size(args))
     if mask_sampler is not None:
         transform = masking.MaskedCrops(transform, mask_sampler)
     dataset = data.PretrainDataset(data.build_dataset(args.data_path, layout=args.data_layout,
