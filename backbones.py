@@ -6,7 +6,8 @@
   classification model, or any timm model, without classifier, and its feature width. Never downloads.
 - `build_eval_model(...)`: a backbone with loaded weights, frozen, in eval mode (eval_knn.py, eval_linear.py).
 - `extract_features(...)`: the features of a whole dataset, in dataset order, on every rank.
-- `patch_features(...)`: the feature maps of the last layers (visualize_features.py, eval_segmentation.py).
+- `patch_features(...)`: the feature maps of the last layers (visualize_features.py, eval_segmentation.py);
+  `patch_grid`, `has_patch_tokens`: the patch grid of a ViT and whether a backbone has patch tokens.
 - `linear_features(...)`, `LinearClassifier`, `LinearHeads` and `load_linear_weights`: the official
   linear-probe features, classifier and weight files (eval_linear.py and the `_lc` entry points of hubconf.py).
 
@@ -200,18 +201,31 @@ def build_eval_model(arch: str, patch_size: int, pretrained_weights: str, checkp
     return model.to(device)
 
 
+def has_patch_tokens(model: nn.Module) -> bool:
+    """Whether `model` gives patch tokens (our ViTs, timm ViTs: a patch embedding and `forward_features` giving
+    [B, tokens, D], as ssl_meta_arch.tokens_and_grid reads them); convnets have a feature map instead."""
+    return hasattr(model, "patch_embed") and hasattr(model, "forward_features") and hasattr(
+        getattr(model, "patch_embed"), "patch_size")
+
+
+def patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
+    """The (rows, columns) of patches of `images` in a ViT with `model.patch_embed.patch_size`."""
+    patch = model.patch_embed.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return images.shape[-2] // ph, images.shape[-1] // pw
+
+
 @torch.no_grad()
 def patch_features(model: nn.Module, images: torch.Tensor, arch: str, n_last_blocks: int = 1) -> List[torch.Tensor]:
     """The features at every position of the last `n_last_blocks` layers, each [B, h, w, D] (oldest first). Our
     ViTs: the normalised patch tokens of each block (get_intermediate_layers, registers and CLS dropped), as
     DINOv2's dense evaluations take them; timm models: the same for timm ViTs, else forward_features; torchvision
     convnets: the feature map before global pooling (one layer only)."""
-    B, _, H, W = images.shape
+    B = images.shape[0]
     if is_vit(arch):
-        patch_size = model.patch_embed.patch_size
         layers = (model.get_intermediate_layers(images, n_last_blocks) if n_last_blocks > 1
                   else [model.forward_features(images)])  # forward_features: one norm pass, fused paths
-        return [x[:, model.num_prefix_tokens:].reshape(B, H // patch_size, W // patch_size, -1) for x in layers]
+        return [x[:, model.num_prefix_tokens:].reshape(B, *patch_grid(model, images), -1) for x in layers]
     if type(model).__module__.startswith("timm."):
         if n_last_blocks > 1 and hasattr(model, "get_intermediate_layers"):  # timm ViTs: [B, D, h, w] each
             return [x.permute(0, 2, 3, 1) for x in
@@ -219,8 +233,7 @@ def patch_features(model: nn.Module, images: torch.Tensor, arch: str, n_last_blo
         _one_layer(arch, n_last_blocks)
         out = model.forward_features(images)
         if out.ndim == 3:  # a ViT: [B, prefix + h * w, D]
-            ph, pw = model.patch_embed.patch_size
-            return [out[:, getattr(model, "num_prefix_tokens", 1):].reshape(B, H // ph, W // pw, -1)]
+            return [out[:, getattr(model, "num_prefix_tokens", 1):].reshape(B, *patch_grid(model, images), -1)]
         if out.ndim != 4:
             raise UserError(f"--arch {arch} gives no feature map (forward_features has shape {tuple(out.shape)}): "
                             f"use a model with a patch grid, e.g. one of our ViTs ({OUR_VITS}) or a ResNet")

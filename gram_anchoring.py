@@ -172,7 +172,7 @@ def build_gram_teacher(args: argparse.Namespace, student_backbone: nn.Module,
     """DINOv3's Gram teacher of --gram_teacher: a copy of the student's backbone (its architecture), holding the
     starting weights, the weights of a file, or (for 'ema') the EMA teacher's, which are the starting ones until
     the first copy. On resume the checkpoint's Gram teacher replaces them (`fit`)."""
-    if not ssl_meta_arch.has_patch_tokens(student_backbone):
+    if not backbones.has_patch_tokens(student_backbone):
         raise utils.UserError(f"--gram_loss_weight: Gram anchoring compares patch tokens, and --arch {args.arch} has "
                               "none (a convnet gives a feature map, not tokens). Use a ViT (ours, Meta's DINOv2 or "
                               "DINOv3, timm's) or leave --gram_loss_weight at 0")

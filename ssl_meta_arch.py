@@ -23,23 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import backbones
 import health
 import utils
 from losses import DINOLoss, sinkhorn_knopp
-
-
-def has_patch_tokens(model: nn.Module) -> bool:
-    """Whether `tokens_and_grid` can read patch tokens from `model` (our ViTs, timm ViTs: a patch embedding and
-    `forward_features` giving [B, tokens, D]); convnets have a feature map instead."""
-    return hasattr(model, "patch_embed") and hasattr(model, "forward_features") and hasattr(
-        getattr(model, "patch_embed"), "patch_size")
-
-
-def patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
-    """The (rows, columns) of patches of `images` in a ViT with `model.patch_embed.patch_size`."""
-    patch = model.patch_embed.patch_size
-    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return images.shape[-2] // ph, images.shape[-1] // pw
 
 
 def tokens_and_grid(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None
@@ -48,7 +35,7 @@ def tokens_and_grid(model: nn.Module, images: torch.Tensor, masks: Optional[torc
     register/storage tokens are left out."""
     tokens = model.forward_features(images, masks) if masks is not None else model.forward_features(images)
     n_prefix = getattr(model, "num_prefix_tokens", 1)
-    return tokens[:, 0], tokens[:, n_prefix:], patch_grid(model, images)
+    return tokens[:, 0], tokens[:, n_prefix:], backbones.patch_grid(model, images)
 
 
 def features_and_patches(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +164,7 @@ def dinov2_step(student: nn.Module, teacher: nn.Module, losses: dict, weights: d
         teacher_logp = teacher_log_probs(dino_loss, t_dino, temp)
         terms = {"dino_loss": dino_loss(s_dino, t_dino, epoch, teacher_temp=temp)}
         if gram is not None:
-            grid = patch_grid(gram.backbone, crops[0])  # the student's grid: the Gram teacher is its architecture
+            grid = backbones.patch_grid(gram.backbone, crops[0])  # the student's grid: the Gram teacher is its architecture
             terms["gram_loss"] = losses["gram"](s_patch[0], gram.patch_targets(torch.cat(list(gram_crops)), grid))
         signals = health.dino_signals(teacher_logp, terms["dino_loss"], t_cls)
         if ibot:

@@ -347,4 +347,4 @@ def test_pooled_feature_and_patch_tokens_come_from_one_pass(arch):
     with torch.no_grad():
         pooled, patches = ssl_meta_arch.features_and_patches(model, x)
         assert torch.allclose(pooled, model(x), atol=1e-6)
-    assert patches.shape == (2, 12, dim) and ssl_meta_arch.has_patch_tokens(model)
+    assert patches.shape == (2, 12, dim) and backbones.has_patch_tokens(model)
