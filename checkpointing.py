@@ -358,12 +358,12 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
 
 
 def load_head_weights(head: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str],
-                      prefix: str = "head.") -> bool:
+                      prefix: str = "head.", loaded: Any = None) -> bool:
     """Load the weights under `prefix` of a checkpoint (e.g. the DINO projection head of a main_dino.py
     teacher: `head.*`) into `head`. Returns False, saying why, when the checkpoint has none or they do not
-    fit (other out_dim, layers or widths)."""
+    fit (other out_dim, layers or widths). `loaded`: the file's content, when already read."""
     path = local_weights_path(pretrained_weights)
-    state_dict = select_state_dict(load_checkpoint(path), checkpoint_key, path)
+    state_dict = select_state_dict(load_checkpoint(path) if loaded is None else loaded, checkpoint_key, path)
     state_dict = strip_prefix(state_dict, "module.")
     found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not found:
@@ -386,16 +386,18 @@ def init_from_pretrained(backbone: nn.Module, heads: Dict[str, nn.Module], pretr
     torchvision, timm, Meta DINOv2/DINOv3), and each head of `heads` (checkpoint prefix -> module, e.g.
     {"head.": dino_head}) from the same file when it holds fitting weights, else left fresh; a separate
     `ibot_head.` absent from the file starts from the file's DINO head (shared with iBOT in the run that wrote it,
-    DINOv2's default). One line says which heads came from the file."""
-    load_pretrained_weights(backbone, pretrained_weights, checkpoint_key, arch, patch_size, may_miss=["mask_token"])
+    DINOv2's default). One line says which heads came from the file. The file is read once."""
+    content = load_checkpoint(local_weights_path(pretrained_weights))
+    load_pretrained_weights(backbone, pretrained_weights, checkpoint_key, arch, patch_size, may_miss=["mask_token"],
+                            loaded=content)
     loaded, fresh = [], []
     for prefix, head in heads.items():
         if head is None:
             continue
-        if load_head_weights(head, pretrained_weights, checkpoint_key, prefix):
+        if load_head_weights(head, pretrained_weights, checkpoint_key, prefix, loaded=content):
             loaded.append(prefix.rstrip("."))
         elif prefix == "ibot_head." and "head" in loaded and load_head_weights(head, pretrained_weights,
-                                                                               checkpoint_key, "head."):
+                                                                               checkpoint_key, "head.", content):
             # the file's DINO head also projected the patch tokens (DINOv2's shared head): the best start for iBOT
             loaded.append("ibot_head (from the file's DINO head, which the run that wrote it shared with iBOT)")
         else:
